@@ -1,0 +1,109 @@
+"""Where every stage reads and writes.
+
+Stages talk through files, not through Prefect results, so that each flow can run alone, be
+inspected with ordinary tools, be resumed after a crash and be cached by content. Large objects
+(chunks, question sets, models) never travel as task results; paths and small summaries do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WORKSPACE = "workspace"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The folder layout shared by all stages (see DESIGN.md)."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] = DEFAULT_WORKSPACE) -> Workspace:
+        path = Path(root).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.root / "chunks"
+
+    @property
+    def questions_dir(self) -> Path:
+        return self.root / "questions"
+
+    @property
+    def question_cache(self) -> Path:
+        return self.root / "cache" / "questions"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def chroma_dir(self) -> Path:
+        return self.root / "chroma"
+
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / name
+
+    def report_dir(self, run: str) -> Path:
+        return self.reports_dir / run
+
+
+def save_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Save rows as a `datasets` dataset, replacing what was there.
+
+    Written to a sibling folder first and renamed, so a crash never leaves a half-written set
+    where the next stage would read it.
+    """
+    from datasets import Dataset
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        _rmtree(tmp)
+    Dataset.from_list(rows).save_to_disk(str(tmp))
+    if path.exists():
+        _rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Load rows saved by `save_rows`; a missing folder is a clear error naming the stage."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: run the stage that writes it first (see `ragtune --help`)."
+        )
+    return load_from_disk(str(path)).to_list()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-serialisable parts (used for cache keys and names)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def fingerprint_rows(rows: Iterable[dict[str, Any]], key: str = "id") -> str:
+    """Fingerprint a set of rows by their ids, independent of order."""
+    return fingerprint(sorted(str(row[key]) for row in rows))
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
