@@ -1,0 +1,44 @@
+"""Shared fixtures: a real ephemeral Prefect API, the real bundled models, real PDFs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Set before prefect, transformers or chromadb are imported anywhere in the test session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real, throwaway Prefect API for tests that run flows."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled all-MiniLM-L6-v2, loaded once per session."""
+    from tasks.models import MINILM, load_model
+
+    return load_model(MINILM)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from tasks.workspace import Workspace
+
+    return Workspace.at(tmp_path / "workspace")
