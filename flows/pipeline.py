@@ -1,0 +1,212 @@
+"""The whole path: ingest → questions → finetune → evaluate → gate → publish.
+
+Each stage is its own flow (runnable alone from the shell or the dashboard) and runs here as a
+subflow, so the dashboard shows one run per stage with its own artifacts. The pipeline only
+chooses defaults (from a profile), passes paths between stages and applies the gate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.states import Completed, State
+from pydantic import BaseModel, Field
+
+from flows.artifacts import markdown, markdown_table
+from flows.evaluate import EvaluateParams, evaluate
+from flows.finetune import FinetuneParams, finetune
+from flows.ingest import IngestParams, ingest
+from flows.profiles import ProfileName, profile_defaults
+from flows.publish import PublishParams, publish
+from flows.questions import QuestionParams, questions
+
+
+class PipelineParams(BaseModel):
+    """What a user sets for a whole run; blank fields take the profile's default."""
+
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    profile: ProfileName = Field(
+        "demo", description="demo: offline, bundled models, minutes on CPU. production: bge-base."
+    )
+    sources: list[str] = Field(
+        default_factory=lambda: ["data/sources"],
+        description="Folders or files to ingest (PDF, Markdown, text, JSONL/CSV records).",
+    )
+    base_model: str | None = Field(
+        None, description="Embedding model to tune (name, hub id, path)."
+    )
+    max_tokens: int = Field(256, description="Target chunk length in the model's tokens.")
+    overlap: int = Field(32, description="Tokens shared by neighbouring chunks.")
+    generator: str | None = Field(None, description="Question generator: local or api.")
+    generator_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Generator settings, e.g. base_url and model for api. Never put keys here.",
+    )
+    questions_per_chunk: int | None = Field(None, description="Questions asked per chunk.")
+    max_chunks: int | None = Field(None, description="Generate for at most this many chunks.")
+    recipe: str | None = Field(None, description="Training recipe, e.g. matryoshka-mnrl.")
+    epochs: int | None = Field(None, description="Training epochs.")
+    batch_size: int | None = Field(None, description="Training batch size.")
+    learning_rate: float | None = Field(None, description="Training learning rate.")
+    max_steps: int | None = Field(None, description="Stop training after this many steps.")
+    max_seq_length: int | None = Field(None, description="Truncate training inputs (speed).")
+    seed: int = Field(42, description="Seed for sampling, splitting and training.")
+    tolerance: float = Field(
+        0.01, description="Publish the smallest dim within this share of the best NDCG@10."
+    )
+    margin: float | None = Field(
+        None,
+        description="Required NDCG@10 gain to publish; blank: the 95% interval must clear zero.",
+    )
+    publish_if_gated: bool = Field(
+        False, description="Publish the tuned model even when the gate says it is not better."
+    )
+    alias: str = Field("docs", description="Stable Chroma name that readers query.")
+    chroma_host: str | None = Field(None, description="Chroma server host; blank: embedded store.")
+    chroma_port: int = Field(8000, description="Chroma server port.")
+
+    def resolved(self) -> PipelineParams:
+        """These parameters with blanks filled from the profile."""
+        filled = {
+            key: value
+            for key, value in profile_defaults(self.profile).items()
+            if getattr(self, key) is None
+        }
+        return self.model_copy(update=filled)
+
+
+class PipelineResult(BaseModel):
+    workspace: str
+    chunks: int
+    questions_kept: int
+    model_path: str
+    report_dir: str
+    published: bool
+    gate_reason: str
+    dim: int
+    alias: str | None = None
+    collection: str | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(params: PipelineParams | None = None) -> State:
+    """Tune a retriever on a folder of documents and publish it to Chroma if it is better."""
+    p = (params or PipelineParams()).resolved()
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, run, *args):
+        start = time.perf_counter()
+        result = run(*args)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        return result
+
+    chunked = timed(
+        "ingest",
+        ingest,
+        IngestParams(
+            workspace=p.workspace,
+            sources=p.sources,
+            model=p.base_model,
+            max_tokens=p.max_tokens,
+            overlap=p.overlap,
+        ),
+    )
+    asked = timed(
+        "questions",
+        questions,
+        QuestionParams(
+            workspace=p.workspace,
+            generator=p.generator,
+            generator_settings=p.generator_settings,
+            questions_per_chunk=p.questions_per_chunk,
+            max_chunks=p.max_chunks,
+            round_trip_model=p.base_model,
+            seed=p.seed,
+        ),
+    )
+    tuned = timed(
+        "finetune",
+        finetune,
+        FinetuneParams(
+            workspace=p.workspace,
+            base_model=p.base_model,
+            recipe=p.recipe,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            learning_rate=p.learning_rate,
+            max_steps=p.max_steps,
+            max_seq_length=p.max_seq_length,
+            seed=p.seed,
+        ),
+    )
+    judged = timed(
+        "evaluate",
+        evaluate,
+        EvaluateParams(
+            workspace=p.workspace,
+            base_model=p.base_model,
+            tuned_model=tuned.model_path,
+            tolerance=p.tolerance,
+            margin=p.margin,
+        ),
+    )
+    result = PipelineResult(
+        workspace=p.workspace,
+        chunks=chunked.chunks,
+        questions_kept=asked.kept,
+        model_path=tuned.model_path,
+        report_dir=judged.report_dir,
+        published=False,
+        gate_reason=judged.reason,
+        dim=judged.dim,
+        seconds=seconds,
+    )
+    if judged.publish or p.publish_if_gated:
+        headline = judged.metrics.get("tuned", {}).get(judged.dim, {})
+        published = timed(
+            "publish",
+            publish,
+            PublishParams(
+                workspace=p.workspace,
+                model=tuned.model_path,
+                dim=judged.dim,
+                alias=p.alias,
+                chroma_host=p.chroma_host,
+                chroma_port=p.chroma_port,
+                metrics={k: float(v) for k, v in headline.items()},
+            ),
+        )
+        result = result.model_copy(
+            update={
+                "published": True,
+                "alias": published.alias,
+                "collection": published.collection,
+                "seconds": seconds,
+            }
+        )
+    markdown(
+        "pipeline-summary",
+        _summary(result),
+        description="What the pipeline did, stage by stage, and the gate decision.",
+    )
+    if result.published:
+        return Completed(message=f"Published {result.collection} as {result.alias!r}.", data=result)
+    return Completed(message=f"Gated, not published: {result.gate_reason}", data=result)
+
+
+def _summary(result: PipelineResult) -> str:
+    verdict = (
+        f"Published `{result.collection}` under alias `{result.alias}` (dim {result.dim})."
+        if result.published
+        else f"**Not published.** {result.gate_reason}"
+    )
+    rows = [{"stage": stage, "seconds": secs} for stage, secs in result.seconds.items()]
+    return (
+        f"# ragtune pipeline\n\n{verdict}\n\n"
+        f"- chunks: {result.chunks}\n- questions kept: {result.questions_kept}\n"
+        f"- model: `{result.model_path}`\n- report: `{result.report_dir}`\n\n"
+        f"## Wall time per stage\n\n{markdown_table(rows)}"
+    )

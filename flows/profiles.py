@@ -1,0 +1,44 @@
+"""Named sets of defaults: `demo` runs offline on 2 CPU cores in minutes, `production` is the
+recipe of seed 003 (bge-base-en-v1.5, an LLM behind an OpenAI-compatible API, 5 epochs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from tasks.models import BGE_BASE, MINILM
+
+ProfileName = Literal["demo", "production"]
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "demo": {
+        "base_model": MINILM,
+        "generator": "local",
+        "questions_per_chunk": 1,
+        "max_chunks": None,
+        "recipe": "matryoshka-mnrl",
+        "epochs": 1,
+        "batch_size": 32,
+        "learning_rate": 5e-5,
+        # Short sequences are most of the CPU speed-up (NOTES.md); chunks stay 256 tokens.
+        "max_seq_length": 128,
+    },
+    "production": {
+        "base_model": BGE_BASE,
+        "generator": "api",
+        "questions_per_chunk": 2,
+        "max_chunks": None,
+        "recipe": "matryoshka-mnrl",
+        "epochs": 5,
+        "batch_size": 20,
+        "learning_rate": 5e-5,
+        "max_seq_length": None,
+    },
+}
+
+
+def profile_defaults(name: str) -> dict[str, Any]:
+    """The defaults of a profile, with a clear error for an unknown name."""
+    try:
+        return dict(PROFILES[name])
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
