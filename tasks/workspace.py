@@ -107,3 +107,41 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path)
+
+
+def fingerprint_files(paths: Iterable[Path]) -> str:
+    """Fingerprint files by name and content, so a touched but unchanged file is not "new"."""
+    digests = []
+    for path in sorted(Path(p) for p in paths):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests.append((str(path), digest.hexdigest()))
+    return fingerprint(digests)
+
+
+class Ledger:
+    """Which stage last ran on which inputs, and what it produced.
+
+    A stage whose inputs (content fingerprints plus parameters) match its last completed run is
+    skipped and its recorded summary reused: an unchanged corpus costs seconds, and a run that
+    failed half way resumes from the last stage that completed.
+    """
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.path = workspace.root / "stages.json"
+
+    def _read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def completed(self, stage: str, key: str) -> dict[str, Any] | None:
+        entry = self._read().get(stage)
+        return entry["summary"] if entry and entry["key"] == key else None
+
+    def record(self, stage: str, key: str, summary: dict[str, Any]) -> None:
+        entries = self._read()
+        entries[stage] = {"key": key, "summary": summary}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=2, default=str))
+        tmp.replace(self.path)
