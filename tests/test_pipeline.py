@@ -1,0 +1,124 @@
+"""The whole path, end to end, on real parts: real PDF pages, the bundled Gemma and MiniLM,
+a real ephemeral Prefect API and a real Chroma store. Tiny settings keep it to a minute or two."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from pypdf import PdfReader, PdfWriter
+
+from tests.conftest import NIST_PDF
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """Six pages of the NIST profile: enough for a dozen chunks."""
+    folder = tmp_path_factory.mktemp("sources")
+    reader = PdfReader(NIST_PDF)
+    writer = PdfWriter()
+    for page in reader.pages[8:14]:
+        writer.add_page(page)
+    with open(folder / "nist-excerpt.pdf", "wb") as handle:
+        writer.write(handle)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(prefect_api, small_corpus, tmp_path_factory):
+    from flows.pipeline import PipelineParams, pipeline
+
+    workspace = tmp_path_factory.mktemp("run") / "workspace"
+    params = PipelineParams(
+        workspace=str(workspace),
+        profile="demo",
+        sources=[str(small_corpus)],
+        max_tokens=128,
+        overlap=16,
+        questions_per_chunk=2,
+        max_steps=4,
+        batch_size=8,
+        max_seq_length=64,
+        publish_if_gated=True,
+    )
+    return pipeline(params), workspace
+
+
+def test_pipeline_leaves_every_stage_output(pipeline_run):
+    from tasks.workspace import Workspace, load_rows
+
+    result, workspace = pipeline_run
+    ws = Workspace.at(workspace)
+    chunks = load_rows(ws.chunks_dir)
+    questions = load_rows(ws.questions_dir)
+    assert result.chunks == len(chunks) > 5
+    assert {c["source"] for c in chunks} == {"nist-excerpt.pdf"}
+    kept = [q for q in questions if q["kept"]]
+    assert kept and {q["split"] for q in kept} == {"train", "test"}
+    assert {q["chunk_id"] for q in questions} <= {c["id"] for c in chunks}
+
+    card = (ws.model_dir(result.model_path.split("/")[-1]) / "README.md").read_text()
+    assert "MatryoshkaLoss" in card
+    assert set(result.seconds) == {"ingest", "questions", "finetune", "evaluate", "publish"}
+
+
+def test_pipeline_metrics_are_finite_at_every_dimension(pipeline_run):
+    result, _ = pipeline_run
+    from pathlib import Path
+
+    metrics = json.loads((Path(result.report_dir) / "metrics.json").read_text())
+    values = list(_numbers(metrics))
+    assert values and all(math.isfinite(v) for v in values)
+    for dim in ("384", "256", "128", "64"):
+        assert dim in json.dumps(metrics)
+
+
+def test_published_collection_holds_every_chunk_and_answers_a_question(pipeline_run):
+    from tasks.models import load_model
+    from tasks.store import connect, resolve_alias, search
+    from tasks.workspace import Workspace, load_rows
+
+    result, workspace = pipeline_run
+    ws = Workspace.at(workspace)
+    chunks = load_rows(ws.chunks_dir)
+    client = connect(ws.chroma_dir)
+    collection = resolve_alias(client, "docs")
+    assert result.published and collection.name == result.collection
+    stored = collection.get(include=["embeddings"])
+    assert sorted(stored["ids"]) == sorted(c["id"] for c in chunks)
+    assert {len(e) for e in stored["embeddings"]} == {result.dim}
+
+    # The top hit of a search is what the tuned model itself ranks first for that question.
+    model = load_model(result.model_path)
+    prompt = (model.prompts or {}).get("query", "")
+    texts = [c["text"] for c in chunks]
+    doc_emb = _truncate(
+        model.encode(texts, prompt=(model.prompts or {}).get("document")), result.dim
+    )
+    found_own_chunk = 0
+    kept = [q for q in load_rows(ws.questions_dir) if q["kept"]]
+    for q in kept:
+        query_emb = _truncate(model.encode([prompt + q["question"]]), result.dim)[0]
+        expected = chunks[int(np.argmax(doc_emb @ query_emb))]["id"]
+        hits = search(client, "docs", q["question"], k=3)
+        assert hits[0].id == expected
+        found_own_chunk += hits[0].id == q["chunk_id"]
+    assert found_own_chunk >= 1
+
+
+def _truncate(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    cut = np.asarray(embeddings)[:, :dim]
+    return cut / np.linalg.norm(cut, axis=1, keepdims=True)
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _numbers(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _numbers(value)
+    elif isinstance(tree, float):
+        yield tree
