@@ -7,7 +7,6 @@ chooses defaults (from a profile), passes paths between stages and applies the g
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
@@ -17,6 +16,7 @@ from pydantic import BaseModel, Field
 from flows.artifacts import markdown, markdown_table
 from flows.evaluate import EvaluateParams, evaluate
 from flows.finetune import FinetuneParams, finetune
+from flows.incremental import StageRunner, sources_key
 from flows.ingest import IngestParams, ingest
 from flows.profiles import ProfileName, profile_defaults
 from flows.publish import PublishParams, publish
@@ -76,6 +76,26 @@ class PipelineParams(BaseModel):
         }
         return self.model_copy(update=filled)
 
+    def ingest_params(self) -> IngestParams:
+        return IngestParams(
+            workspace=self.workspace,
+            sources=self.sources,
+            model=self.base_model,
+            max_tokens=self.max_tokens,
+            overlap=self.overlap,
+        )
+
+    def question_params(self) -> QuestionParams:
+        return QuestionParams(
+            workspace=self.workspace,
+            generator=self.generator,
+            generator_settings=self.generator_settings,
+            questions_per_chunk=self.questions_per_chunk,
+            max_chunks=self.max_chunks,
+            round_trip_model=self.base_model,
+            seed=self.seed,
+        )
+
 
 class PipelineResult(BaseModel):
     workspace: str
@@ -89,45 +109,25 @@ class PipelineResult(BaseModel):
     alias: str | None = None
     collection: str | None = None
     seconds: dict[str, float] = Field(default_factory=dict)
+    reused: list[str] = Field(default_factory=list, description="Stages skipped as unchanged.")
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params: PipelineParams | None = None) -> State:
     """Tune a retriever on a folder of documents and publish it to Chroma if it is better."""
     p = (params or PipelineParams()).resolved()
-    seconds: dict[str, float] = {}
-
-    def timed(stage: str, run, *args):
-        start = time.perf_counter()
-        result = run(*args)
-        seconds[stage] = round(time.perf_counter() - start, 1)
-        return result
-
-    chunked = timed(
+    stages = StageRunner(p.workspace, first_key=sources_key(p.sources))
+    chunked = stages.run(
         "ingest",
         ingest,
-        IngestParams(
-            workspace=p.workspace,
-            sources=p.sources,
-            model=p.base_model,
-            max_tokens=p.max_tokens,
-            overlap=p.overlap,
-        ),
+        p.ingest_params(),
     )
-    asked = timed(
+    asked = stages.run(
         "questions",
         questions,
-        QuestionParams(
-            workspace=p.workspace,
-            generator=p.generator,
-            generator_settings=p.generator_settings,
-            questions_per_chunk=p.questions_per_chunk,
-            max_chunks=p.max_chunks,
-            round_trip_model=p.base_model,
-            seed=p.seed,
-        ),
+        p.question_params(),
     )
-    tuned = timed(
+    tuned = stages.run(
         "finetune",
         finetune,
         FinetuneParams(
@@ -142,7 +142,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
             seed=p.seed,
         ),
     )
-    judged = timed(
+    judged = stages.run(
         "evaluate",
         evaluate,
         EvaluateParams(
@@ -162,11 +162,12 @@ def pipeline(params: PipelineParams | None = None) -> State:
         published=False,
         gate_reason=judged.reason,
         dim=judged.dim,
-        seconds=seconds,
+        seconds=stages.seconds,
+        reused=stages.reused,
     )
     if judged.publish or p.publish_if_gated:
         headline = judged.metrics.get("tuned", {}).get(judged.dim, {})
-        published = timed(
+        published = stages.run(
             "publish",
             publish,
             PublishParams(
@@ -184,7 +185,6 @@ def pipeline(params: PipelineParams | None = None) -> State:
                 "published": True,
                 "alias": published.alias,
                 "collection": published.collection,
-                "seconds": seconds,
             }
         )
     markdown(
