@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--alias", default="docs")
     search.add_argument("--workspace", default="workspace")
 
+    sub.add_parser("serve", help="Serve every deployment in prefect.yaml from this process.")
+
     rollback = sub.add_parser("rollback", help="Point the alias back at the previous version.")
     rollback.add_argument("--alias", default="docs")
     rollback.add_argument("--workspace", default="workspace")
@@ -140,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(flow_fn(params).model_dump_json(indent=2))
     elif args.command == "search":
         print_search(args.workspace, args.query, args.k, args.alias)
+    elif args.command == "serve":
+        from flows.serve import main as serve
+
+        serve()
     elif args.command == "rollback":
         from tasks.store import connect, rollback
         from tasks.workspace import Workspace
