@@ -26,15 +26,13 @@ def small_corpus(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(prefect_api, small_corpus, tmp_path_factory):
-    from flows.pipeline import PipelineParams, pipeline
+def tiny_params(workspace, sources):
+    from flows.pipeline import PipelineParams
 
-    workspace = tmp_path_factory.mktemp("run") / "workspace"
-    params = PipelineParams(
+    return PipelineParams(
         workspace=str(workspace),
         profile="demo",
-        sources=[str(small_corpus)],
+        sources=[str(source) for source in sources],
         max_tokens=128,
         overlap=16,
         questions_per_chunk=2,
@@ -43,7 +41,14 @@ def pipeline_run(prefect_api, small_corpus, tmp_path_factory):
         max_seq_length=64,
         publish_if_gated=True,
     )
-    return pipeline(params), workspace
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(prefect_api, small_corpus, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    workspace = tmp_path_factory.mktemp("run") / "workspace"
+    return pipeline(tiny_params(workspace, [small_corpus])), workspace
 
 
 def test_pipeline_leaves_every_stage_output(pipeline_run):
@@ -122,3 +127,36 @@ def _numbers(tree):
             yield from _numbers(value)
     elif isinstance(tree, float):
         yield tree
+
+
+def test_second_run_on_unchanged_corpus_reuses_every_stage(pipeline_run, small_corpus):
+    from flows.pipeline import pipeline
+
+    first, workspace = pipeline_run
+    again = pipeline(tiny_params(workspace, [small_corpus]))
+    assert again.reused == ["ingest", "questions", "finetune", "evaluate"]
+    assert again.model_path == first.model_path
+    assert again.collection == first.collection
+
+
+def test_refresh_with_a_new_document_asks_only_about_its_chunks(
+    pipeline_run, small_corpus, tmp_path
+):
+    from flows.refresh import refresh
+    from tasks.workspace import Workspace, load_rows
+
+    _, workspace = pipeline_run
+    before = {c["id"] for c in load_rows(Workspace.at(workspace).chunks_dir)}
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "notes.md").write_text(
+        "# Incident response\n\nWhen a generative AI system leaks personal data, the operator "
+        "must notify affected users within seventy-two hours and record the incident in the "
+        "risk register, together with the model version and the prompt that caused it.\n"
+    )
+    refreshed = refresh(tiny_params(workspace, [small_corpus, extra]))
+    after = load_rows(Workspace.at(workspace).chunks_dir)
+    new = [c for c in after if c["id"] not in before]
+    assert new and {c["source"] for c in new} == {"notes.md"}
+    assert refreshed.new_llm_calls == len(new)
+    assert refreshed.embedded == len(new)
