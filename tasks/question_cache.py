@@ -1,0 +1,181 @@
+"""Never pay for the same LLM work twice.
+
+Generated questions are cached per (chunk id, generator fingerprint). Chunk ids hash the chunk's
+text and fingerprints hash everything that changes a generator's output, so a re-run over an
+unchanged corpus generates nothing, a new chunk generates only for itself, and a new prompt or
+model generates afresh.
+
+The cache is append-only JSON Lines, one file per fingerprint, written and flushed batch by
+batch: a run killed half-way resumes where it stopped, and a line cut short by a crash is
+skipped on reading rather than poisoning the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.questions import Question
+
+Progress = Callable[[int, int], None]
+
+
+class QuestionCache:
+    """Successful generations by (chunk id, generator fingerprint), in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._loaded: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def _path(self, fingerprint: str) -> Path:
+        if not fingerprint or not fingerprint.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"a generator fingerprint must be a plain hash, got {fingerprint!r}")
+        return self.folder / f"{fingerprint}.jsonl"
+
+    def _entries(self, fingerprint: str) -> dict[str, dict[str, Any]]:
+        if fingerprint not in self._loaded:
+            entries: dict[str, dict[str, Any]] = {}
+            path = self._path(fingerprint)
+            if path.exists():
+                with path.open(encoding="utf-8") as lines:
+                    for line in lines:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue  # the tail of a write a crash cut short
+                        entries[record["chunk_id"]] = record
+            self._loaded[fingerprint] = entries
+        return self._loaded[fingerprint]
+
+    def get(self, chunk_id: str, fingerprint: str) -> Any | None:
+        """The cached `Generation` for a chunk, or None if it was never generated."""
+        from tasks.generators import Generation
+
+        record = self._entries(fingerprint).get(chunk_id)
+        if record is None:
+            return None
+        return Generation(
+            questions=list(record["questions"]),
+            prompt_tokens=record.get("prompt_tokens", 0),
+            completion_tokens=record.get("completion_tokens", 0),
+        )
+
+    def put(self, chunk_id: str, fingerprint: str, generation: Any) -> None:
+        """Record one successful generation (flushed to disk before returning)."""
+        self.put_many(fingerprint, [(chunk_id, generation)])
+
+    def put_many(self, fingerprint: str, items: Iterable[tuple[str, Any]]) -> None:
+        """Record several successful generations with one write and one flush to disk."""
+        items = list(items)
+        for chunk_id, generation in items:
+            if generation.error is not None:
+                raise ValueError(
+                    f"chunk {chunk_id!r} failed ({generation.error}); failures are not cached, "
+                    "so the next run retries them"
+                )
+        records = [
+            {
+                "chunk_id": chunk_id,
+                "questions": list(generation.questions),
+                "prompt_tokens": generation.prompt_tokens,
+                "completion_tokens": generation.completion_tokens,
+            }
+            for chunk_id, generation in items
+        ]
+        if not records:
+            return
+        entries = self._entries(fingerprint)
+        path = self._path(fingerprint)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with path.open("a+b") as handle:
+            # A crash mid-line leaves no newline; start a fresh line so this write stays whole.
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    blob = "\n" + blob
+            handle.write(blob.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        for record in records:
+            entries[record["chunk_id"]] = record
+
+
+def generate_with_cache(
+    chunks: Sequence[dict[str, Any]],
+    generator: Any,
+    cache: QuestionCache,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> tuple[list[Question], dict[str, Any]]:
+    """Questions for every chunk, generating only for chunks the cache does not hold.
+
+    Missing chunks go to `generator.generate` in batches of `batch_size`, and each batch is in
+    the cache before the next is sent, so an interrupted run loses at most one batch. A failed
+    generation (its `error` set) is counted, not cached, so the next run retries it.
+
+    Returns the raw questions (uncleaned, in chunk order) and stats: `chunks`, `cached`,
+    `llm_calls` (passages sent to the generator), `failed`, `errors` (a few distinct messages),
+    `prompt_tokens` and `completion_tokens` spent by this run.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    fingerprint = generator.fingerprint()
+    unique: dict[str, str] = {}
+    for chunk in chunks:
+        unique.setdefault(chunk["id"], chunk["text"])
+    results: dict[str, Any] = {}
+    missing: list[str] = []
+    for chunk_id in unique:
+        hit = cache.get(chunk_id, fingerprint)
+        if hit is None:
+            missing.append(chunk_id)
+        else:
+            results[chunk_id] = hit
+    stats: dict[str, Any] = {
+        "chunks": len(unique),
+        "cached": len(results),
+        "llm_calls": 0,
+        "failed": 0,
+        "errors": [],
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+    }
+    total = len(unique)
+    if progress:
+        progress(len(results), total)
+    for start in range(0, len(missing), batch_size):
+        batch = missing[start : start + batch_size]
+        done = len(results) + stats["failed"]
+        step = (lambda d, t, done=done: progress(done + d, total)) if progress else None
+        generations = generator.generate([unique[c] for c in batch], progress=step)
+        if len(generations) != len(batch):
+            raise RuntimeError(
+                f"generator {generator.name!r} returned {len(generations)} results "
+                f"for {len(batch)} passages"
+            )
+        stats["llm_calls"] += len(batch)
+        succeeded = []
+        for chunk_id, generation in zip(batch, generations, strict=True):
+            stats["prompt_tokens"] += generation.prompt_tokens
+            stats["completion_tokens"] += generation.completion_tokens
+            if generation.error is not None:
+                stats["failed"] += 1
+                if generation.error not in stats["errors"] and len(stats["errors"]) < 5:
+                    stats["errors"].append(generation.error)
+                continue
+            results[chunk_id] = generation
+            succeeded.append((chunk_id, generation))
+        cache.put_many(fingerprint, succeeded)
+        if progress:
+            progress(len(results) + stats["failed"], total)
+    questions = [
+        Question(question=text, chunk_id=chunk_id, generator=generator.name)
+        for chunk_id in unique
+        if chunk_id in results
+        for text in results[chunk_id].questions
+    ]
+    return questions, stats
