@@ -1,0 +1,209 @@
+"""Evaluate flow: base vs tuned retrieval at every Matryoshka dimension, and the publish gate.
+
+A blocked publish is a normal, successful result (`publish=False` with the reason): the pipeline
+decides what to do with it. Broken metrics (NaN, empty) are an error.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from flows.artifacts import markdown, progress_artifact, table
+from tasks.beir import load_beir
+from tasks.evaluation import (
+    MetricsError,
+    ModelEval,
+    evaluate_model,
+    gate,
+    intervals_by_dim,
+    matryoshka_eval_dims,
+    regressions,
+)
+from tasks.models import MINILM, load_model
+from tasks.report import card_section, dim_rows, report_markdown, update_model_card, write_report
+from tasks.workspace import Workspace, load_rows
+
+
+class EvaluateParams(BaseModel):
+    workspace: str = Field("workspace", description="Workspace folder shared by all stages.")
+    base_model: str = Field(
+        MINILM, description="The model the tuned one must beat (bundled name, folder or hub id)."
+    )
+    tuned_model: str | None = Field(
+        None,
+        description="Folder of the tuned model; default: the newest model in the workspace.",
+    )
+    other_models: list[str] = Field(
+        default_factory=list,
+        description="More models to show in the report for comparison (not gated).",
+    )
+    beir_folder: str | None = Field(
+        None,
+        description="Evaluate on a labelled BEIR folder (corpus.jsonl, queries.jsonl, "
+        "qrels/<split>.tsv) instead of the held-out generated questions.",
+    )
+    beir_split: str = Field("test", description="Which qrels/<split>.tsv of the BEIR folder.")
+    tolerance: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="Publish the smallest dimension whose NDCG@10 is within this relative "
+        "distance of the best one.",
+    )
+    margin: float | None = Field(
+        None,
+        description="Required mean NDCG@10 gain; default: the 95% interval's lower end above 0.",
+    )
+    run_name: str | None = Field(None, description="Report folder name; default: a timestamp.")
+
+
+class EvaluateResult(BaseModel):
+    report_dir: str
+    publish: bool
+    dim: int
+    reason: str
+    metrics: dict[str, dict[int, dict[str, float]]]
+
+
+def newest_model(ws: Workspace) -> Path:
+    """The most recently written sentence-transformers folder under the workspace's models/."""
+    candidates = (
+        [p for p in ws.models_dir.iterdir() if (p / "modules.json").is_file()]
+        if ws.models_dir.is_dir()
+        else []
+    )
+    if not candidates:
+        raise FileNotFoundError(
+            f"No tuned model in {ws.models_dir}: run the finetune flow first or pass tuned_model."
+        )
+    return max(candidates, key=lambda p: (p / "modules.json").stat().st_mtime)
+
+
+def generated_eval_set(
+    ws: Workspace,
+) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
+    """Corpus = every chunk; queries = kept held-out questions; relevant = each one's chunk.
+
+    Query ids are the question's row index, stable for an unchanged question set.
+    """
+    corpus = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
+    queries: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    stale = 0
+    for n, row in enumerate(load_rows(ws.questions_dir)):
+        if row.get("split") != "test" or not row.get("kept"):
+            continue
+        if row["chunk_id"] not in corpus:
+            stale += 1
+            continue
+        qid = f"q{n}"
+        queries[qid] = row["question"]
+        relevant[qid] = {row["chunk_id"]}
+    if stale:
+        raise MetricsError(
+            f"{stale} test questions in {ws.questions_dir} refer to chunks that are no longer in "
+            f"{ws.chunks_dir}: re-run the questions flow after re-chunking."
+        )
+    if not queries:
+        raise MetricsError(
+            f"No kept test-split questions in {ws.questions_dir}: nothing to evaluate on. "
+            "Generate more questions or lower the test share."
+        )
+    return corpus, queries, relevant
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_one(
+    model_ref: str,
+    name: str,
+    corpus: dict[str, str],
+    queries: dict[str, str],
+    relevant: dict[str, set[str]],
+    dims: list[int] | None = None,
+) -> ModelEval:
+    """Evaluate one model at `dims` (those that fit its width), or at its own Matryoshka dims."""
+    model = load_model(model_ref)
+    width = model.get_embedding_dimension()
+    usable = [dim for dim in dims if dim <= width] if dims else matryoshka_eval_dims(width)
+    progress = progress_artifact(f"evaluate-{name}", f"Encoding queries and corpus with {name}")
+    return evaluate_model(
+        model,
+        corpus,
+        queries,
+        relevant,
+        usable,
+        name=name,
+        model_ref=model_ref,
+        progress=progress,
+    )
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # noqa: B008
+    ws = Workspace.at(params.workspace)
+    tuned_ref = params.tuned_model or str(newest_model(ws))
+    if params.beir_folder:
+        corpus, queries, relevant = load_beir(Path(params.beir_folder), params.beir_split)
+        source = f"BEIR {Path(params.beir_folder).name} ({params.beir_split})"
+    else:
+        corpus, queries, relevant = generated_eval_set(ws)
+        source = "held-out generated questions"
+    print(f"Evaluating on {source}: {len(queries)} queries, {len(corpus)} documents.")
+
+    tuned = evaluate_one(tuned_ref, "tuned", corpus, queries, relevant)
+    base = evaluate_one(params.base_model, "base", corpus, queries, relevant, tuned.dims)
+    others = [
+        evaluate_one(ref, f"other-{i}", corpus, queries, relevant, tuned.dims)
+        for i, ref in enumerate(params.other_models, start=1)
+    ]
+
+    decision = gate(base, tuned, tolerance=params.tolerance, margin=params.margin)
+    intervals = intervals_by_dim(base, tuned)
+    worse = regressions(base, tuned, queries, decision.dim)
+    print(decision.reason)
+
+    run = params.run_name or datetime.now(UTC).strftime("eval-%Y%m%d-%H%M%S")
+    evals = [base, tuned, *others]
+    title = f"Retrieval on {source}"
+    paths = write_report(ws.report_dir(run), evals, decision, intervals, worse, title)
+
+    rows = dim_rows(evals, intervals)
+    table("evaluation-metrics", rows, description=f"NDCG@10 and MRR@10 per dimension ({run})")
+    markdown(
+        "evaluation-report",
+        report_markdown(evals, decision, intervals, worse, title),
+        description=f"Gate decision and report ({run}); files in {paths['report'].parent}",
+    )
+
+    tuned_dir = Path(tuned_ref)
+    if tuned_dir.is_dir():
+        update_model_card(
+            tuned_dir,
+            card_section(evals[:2], decision, intervals),
+            {
+                "run": run,
+                "report_dir": str(paths["report"].parent),
+                "source": source,
+                "base_model": params.base_model,
+                "publish": decision.publish,
+                "dim": decision.dim,
+                "reason": decision.reason,
+                "gain": decision.gain,
+                "interval": [decision.low, decision.high],
+                "metrics": {str(d): tuned.metrics[d] for d in tuned.dims},
+                "base_metrics": {str(d): base.metrics[d] for d in base.dims},
+            },
+        )
+
+    return EvaluateResult(
+        report_dir=str(paths["report"].parent),
+        publish=decision.publish,
+        dim=decision.dim,
+        reason=decision.reason,
+        metrics={e.name: e.metrics for e in evals},
+    )
