@@ -249,6 +249,27 @@ def round_trip_filter(
     return questions
 
 
+def sample_chunks(
+    chunks: Sequence[dict[str, Any]], max_chunks: int | None, seed: int = 42
+) -> list[dict[str, Any]]:
+    """At most `max_chunks` chunks (None: all), a seeded sample kept in corpus order.
+
+    Chunks are ranked by a seeded hash of their id, so the sample is reproducible and, as the
+    corpus grows, a chunk already sampled stays sampled unless a newcomer outranks it: the
+    question cache keeps paying off for demo-sized runs.
+    """
+    if max_chunks is None or max_chunks >= len(chunks):
+        return list(chunks)
+    if max_chunks < 1:
+        raise ValueError(f"max_chunks must be at least 1 (or None for all), got {max_chunks}")
+    ranked = sorted(range(len(chunks)), key=lambda i: _seeded_hash(seed, chunks[i]["id"]))
+    return [chunks[i] for i in sorted(ranked[:max_chunks])]
+
+
+def _seeded_hash(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
 def _group_key(q: Question, by: str, doc_of: Mapping[str, str] | None) -> str:
     if by == "chunk":
         return q.chunk_id
@@ -287,7 +308,7 @@ def split_questions(
             f"cannot split by {by}: all kept questions belong to one {by}; "
             "use more chunks or documents, or set test_size to 0"
         )
-    order = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest())
+    order = sorted(groups, key=lambda key: _seeded_hash(seed, key))
     target = test_size * sum(len(qs) for qs in groups.values())
     test_keys: list[str] = []
     in_test = 0

@@ -1,0 +1,236 @@
+"""Questions: the workspace's chunks → a clean, leakage-free question set.
+
+Builds the generator named in the parameters, asks it about chunks the cache has not seen,
+cleans and filters what comes back (text filters, then the round trip through the base
+embedding model), splits by chunk or document, and saves every question, kept or rejected with
+its reason, to `questions/`. The dashboard gets a progress bar while generating and a summary
+with counts, reasons, samples and token totals.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict
+from typing import Any, Literal
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.artifacts import markdown, markdown_table, progress_artifact
+from tasks.generators import QuestionGenerator, make_generator
+from tasks.models import MINILM, cached_model
+from tasks.question_cache import QuestionCache, generate_with_cache
+from tasks.questions import (
+    Question,
+    clean_question,
+    filter_questions,
+    round_trip_filter,
+    sample_chunks,
+    split_questions,
+    summarise,
+)
+from tasks.workspace import Workspace, load_rows, save_rows
+
+
+class QuestionParams(BaseModel):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    generator: str = Field("local", description="Question generator: local (bundled) or api.")
+    generator_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Generator settings, e.g. base_url and model for api. Keys belong in the "
+        "environment, never here.",
+    )
+    questions_per_chunk: int = Field(2, ge=1, description="Questions asked per chunk.")
+    max_chunks: int | None = Field(
+        None, ge=1, description="Ask about at most this many chunks (a seeded sample); blank: all."
+    )
+    round_trip_top_k: int = Field(
+        10, ge=1, description="Keep a question only if the base model ranks its chunk this high."
+    )
+    round_trip_model: str = Field(
+        MINILM, description="The base embedding model used for the round-trip filter."
+    )
+    test_size: float = Field(0.2, ge=0, lt=1, description="Share of questions held out for test.")
+    split_by: Literal["chunk", "document"] = Field(
+        "chunk", description="Keep each chunk (or each whole document) on one side of the split."
+    )
+    seed: int = Field(42, description="Seed for the chunk sample and the split.")
+
+
+class QuestionsResult(BaseModel):
+    questions_path: str
+    chunks: int
+    generated: int
+    kept: int
+    train: int
+    test: int
+    llm_calls: int
+    cached: int
+    failed: int
+    rejected: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@flow(name="questions", log_prints=True)
+def questions(params: QuestionParams = QuestionParams()) -> QuestionsResult:  # noqa: B008
+    """Generate, filter and split questions about the workspace's chunks."""
+    settings = {"n": params.questions_per_chunk, **params.generator_settings}
+    return ask(params, make_generator(params.generator, **settings))
+
+
+def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult:
+    """The body of the `questions` flow for an already-built generator.
+
+    Separate from the flow so that the choice of generator (a name and settings, resolved by
+    `make_generator`) stays the only thing the flow itself decides.
+    """
+    ws = Workspace.at(params.workspace)
+    chunks = load_rows(ws.chunks_dir)
+    if not chunks:
+        raise ValueError(f"{ws.chunks_dir} holds no chunks: ingest found no text to ask about")
+    chosen = sample_chunks(chunks, params.max_chunks, params.seed)
+    print(
+        f"asking {generator.name} (fingerprint {generator.fingerprint()}) about "
+        f"{len(chosen)} of {len(chunks)} chunks"
+    )
+    asked, stats = generate_with_cache(
+        chosen,
+        generator,
+        QuestionCache(ws.question_cache),
+        progress=progress_artifact("questions-generation", "Chunks with generated questions"),
+    )
+    print(
+        f"{stats['cached']} chunks from the cache, {stats['llm_calls']} sent to the generator, "
+        f"{stats['failed']} failed"
+    )
+    for error in stats["errors"]:
+        print(f"generation failed: {_redact(error, params.generator_settings)}")
+
+    for q in asked:
+        q.question = clean_question(q.question)
+    filter_questions(asked, {c["id"]: c["text"] for c in chunks})
+    model = cached_model(params.round_trip_model)
+    round_trip_filter(
+        asked,
+        [c["id"] for c in chunks],
+        [c["text"] for c in chunks],
+        model,
+        top_k=params.round_trip_top_k,
+        query_prompt=(model.prompts or {}).get("query") or None,
+    )
+    kept = sum(q.kept for q in asked)
+    if kept:
+        split_questions(
+            asked,
+            test_size=params.test_size,
+            seed=params.seed,
+            by=params.split_by,
+            doc_of={c["id"]: c["doc_id"] for c in chunks},
+        )
+    path = save_rows(ws.questions_dir, [asdict(q) for q in asked])
+    summary = summarise(asked)
+    rejected = {reason: n for reason, n in summary["rejected"].items() if n}
+    print(
+        f"{summary['generated']} questions generated, {kept} kept "
+        f"({summary['train']} train, {summary['test']} test); rejected: {rejected or 'none'}"
+    )
+    markdown(
+        "questions-summary",
+        _report(params, generator, asked, chunks, len(chosen), summary, stats),
+        description="Questions generated, kept, dropped and why",
+    )
+    if not kept:
+        raise ValueError(
+            f"No question survived the filters ({summary['generated']} generated, rejected: "
+            f"{rejected or 'none'}, {stats['failed']} chunks failed); see {path}"
+        )
+    return QuestionsResult(
+        questions_path=str(path),
+        chunks=len(chosen),
+        generated=summary["generated"],
+        kept=kept,
+        train=summary["train"],
+        test=summary["test"],
+        llm_calls=stats["llm_calls"],
+        cached=stats["cached"],
+        failed=stats["failed"],
+        rejected=rejected,
+        prompt_tokens=stats["prompt_tokens"],
+        completion_tokens=stats["completion_tokens"],
+    )
+
+
+_SECRET_WORDS = ("key", "token", "secret", "password", "auth")
+
+
+def _redact(text: str, settings: dict[str, Any]) -> str:
+    """Mask secrets an error message may echo (a key in a URL or header): secret-looking
+    settings and environment variables."""
+    secrets = [
+        str(value)
+        for name, value in [*settings.items(), *os.environ.items()]
+        if any(word in name.lower() for word in _SECRET_WORDS) and len(str(value)) >= 8
+    ]
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _report(
+    params: QuestionParams,
+    generator: QuestionGenerator,
+    asked: list[Question],
+    chunks: list[dict[str, Any]],
+    chosen: int,
+    summary: dict[str, Any],
+    stats: dict[str, Any],
+) -> str:
+    counts = [
+        {
+            "chunks asked about": chosen,
+            "from cache": stats["cached"],
+            "sent to generator": stats["llm_calls"],
+            "failed": stats["failed"],
+            "generated": summary["generated"],
+            "kept": summary["kept"],
+            "train": summary["train"],
+            "test": summary["test"],
+        }
+    ]
+    dropped = [{"reason": reason, "dropped": n} for reason, n in summary["rejected"].items()]
+    tokens = [
+        {
+            "prompt tokens": stats["prompt_tokens"],
+            "completion tokens": stats["completion_tokens"],
+        }
+    ]
+    text_of = {c["id"]: c["text"] for c in chunks}
+    kept = [q for q in asked if q.kept]
+    samples = [
+        {"question": q.question, "chunk": _truncate(text_of[q.chunk_id], 240)}
+        for q in random.Random(params.seed).sample(kept, min(5, len(kept)))
+    ]
+    text = (
+        f"# Questions\n\nGenerator `{generator.name}` (fingerprint `{generator.fingerprint()}`), "
+        f"{params.questions_per_chunk} per chunk, {chosen} of {len(chunks)} chunks; round trip "
+        f"through `{params.round_trip_model}` at top {params.round_trip_top_k}; split by "
+        f"{params.split_by}, test share {params.test_size}.\n\n"
+        + markdown_table(counts)
+        + "\n## Dropped, by reason\n\n"
+        + markdown_table(dropped)
+        + "\n## Tokens spent by this run\n\n"
+        + markdown_table(tokens)
+        + "\n## Samples\n\n"
+        + markdown_table(samples)
+    )
+    if stats["errors"]:
+        errors = "\n".join(f"- {_redact(e, params.generator_settings)}" for e in stats["errors"])
+        text += f"\n## Generation errors (first {len(stats['errors'])})\n\n{errors}\n"
+    return text
+
+
+def _truncate(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
