@@ -1,0 +1,183 @@
+"""Finetune: the workspace's questions (or a user's own pairs) → a tuned embedding model.
+
+Trains with a named recipe (tasks.training.RECIPES), evaluates on the held-out questions against
+every chunk while training, and saves the model with its card under `models/<name>/`. The
+dashboard gets a progress bar while it trains, then the loss curve and where the card is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.artifacts import markdown, markdown_table, progress_artifact
+from tasks.models import MINILM, model_tag
+from tasks.training import DEFAULT_RECIPE, RECIPES, TrainResult, get_recipe, train
+from tasks.training_data import load_pairs, pairs_from_questions
+from tasks.workspace import Workspace, fingerprint, load_rows
+
+#: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
+CURVE_ROWS = 60
+
+
+class FinetuneParams(BaseModel):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    base_model: str = Field(MINILM, description="Model to tune: bundled name, hub id or folder.")
+    recipe: str = Field(
+        DEFAULT_RECIPE,
+        description=f"Training recipe: {', '.join(RECIPES)}.",
+    )
+    train_file: str | None = Field(
+        None,
+        description="Your own pairs/triplets (CSV, JSONL or a saved dataset folder with "
+        "anchor/positive[/negative] or query/passage columns); blank: the workspace questions.",
+    )
+    epochs: int | None = Field(None, description="Epochs; blank: the recipe's.")
+    batch_size: int | None = Field(None, description="Batch size; blank: the recipe's.")
+    learning_rate: float | None = Field(None, description="Learning rate; blank: the recipe's.")
+    max_steps: int | None = Field(
+        None, description="Stop after this many steps (wins over epochs)."
+    )
+    max_seq_length: int | None = Field(
+        None, description="Truncate training inputs to this many tokens (~128 is faster on CPU)."
+    )
+    hard_negatives: bool | None = Field(
+        None, description="Mine hard negatives; blank: only when the recipe needs them."
+    )
+    output_name: str | None = Field(
+        None, description="Folder name under models/; blank: derived from model, recipe, data."
+    )
+    seed: int = Field(42, description="Seed for batching and initialisation.")
+
+
+class FinetuneResult(BaseModel):
+    model_path: str
+    recipe: str
+    dims: list[int]
+    steps: int
+    train_pairs: int
+    wall_s: float
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # noqa: B008
+    """Fine-tune the base model on the workspace's questions or a training file."""
+    ws = Workspace.at(params.workspace)
+    spec = get_recipe(params.recipe)
+    if params.train_file:
+        data = load_pairs(params.train_file)
+        source = params.train_file
+        # Held-out questions still measure the model when the workspace has them.
+        chunks = _chunks(ws) if ws.chunks_dir.exists() else {}
+        questions = load_rows(ws.questions_dir) if chunks and ws.questions_dir.exists() else []
+    else:
+        chunks = _chunks(ws)
+        questions = load_rows(ws.questions_dir)
+        data = pairs_from_questions(questions, chunks, "train")
+        source = f"{ws.questions_dir} (train split)"
+    data_fp = fingerprint(sorted(tuple(row.values()) for row in data.to_list()))
+    settings = {
+        "recipe": spec.name,
+        "base_model": params.base_model,
+        "epochs": params.epochs,
+        "batch_size": params.batch_size,
+        "learning_rate": params.learning_rate,
+        "max_steps": params.max_steps,
+        "max_seq_length": params.max_seq_length,
+        "hard_negatives": params.hard_negatives,
+        "seed": params.seed,
+    }
+    name = params.output_name or (
+        f"{model_tag(params.base_model)}-tuned-{fingerprint(settings, data_fp)[:6]}"
+    )
+    queries, relevant = _held_out(questions, chunks)
+    print(
+        f"training {params.base_model} with {spec.name} on {len(data)} rows from {source}; "
+        f"evaluating on {len(queries)} held-out questions against {len(chunks)} chunks"
+    )
+    result = train(
+        params.base_model,
+        data,
+        ws.model_dir(name),
+        spec.name,
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        learning_rate=params.learning_rate,
+        max_steps=params.max_steps,
+        max_seq_length=params.max_seq_length,
+        seed=params.seed,
+        eval_corpus=chunks if queries else None,
+        eval_queries=queries or None,
+        eval_relevant=relevant or None,
+        hard_negatives=params.hard_negatives,
+        data_fingerprint=data_fp,
+        progress=progress_artifact("finetune-progress", f"Training {name}"),
+    )
+    print(f"saved {result.model_path} after {result.steps} steps in {result.wall_s:.0f} s")
+    markdown(
+        "finetune-curve",
+        training_report(result, name),
+        description=f"Training curve and model card of {name}",
+    )
+    return FinetuneResult(
+        model_path=result.model_path,
+        recipe=result.recipe,
+        dims=result.dims,
+        steps=result.steps,
+        train_pairs=result.train_pairs,
+        wall_s=result.wall_s,
+    )
+
+
+def training_report(result: TrainResult, name: str) -> str:
+    """Markdown: the loss per logged step (bucketed when long), evaluations, the card's path."""
+    losses = [(e["step"], e["loss"]) for e in result.log_history if "loss" in e]
+    size = max(1, -(-len(losses) // CURVE_ROWS))
+    curve = []
+    for start in range(0, len(losses), size):
+        bucket = losses[start : start + size]
+        curve.append(
+            {
+                "step": bucket[-1][0],
+                "loss": sum(loss for _, loss in bucket) / len(bucket),
+            }
+        )
+    evals = [
+        {"step": e["step"]}
+        | {k.removeprefix("eval_"): v for k, v in e.items() if k.endswith("cosine_ndcg@10")}
+        for e in result.log_history
+        if any(k.endswith("cosine_ndcg@10") for k in e)
+    ]
+    card = Path(result.model_path) / "README.md"
+    averaged = f" (each row averages {size} steps)" if size > 1 else ""
+    text = (
+        f"# Fine-tuning {name}\n\n"
+        f"Recipe `{result.recipe}`, {result.train_pairs} training rows, {result.steps} steps, "
+        f"{result.wall_s:.0f} s. Matryoshka dims: {result.dims}.\n\n"
+        f"Model: `{result.model_path}`; model card: [{card}]({card.as_uri()})\n\n"
+        f"## Training loss{averaged}\n\n{markdown_table(curve)}"
+    )
+    if evals:
+        text += f"\n## NDCG@10 on held-out questions during training\n\n{markdown_table(evals)}"
+    return text
+
+
+def _chunks(ws: Workspace) -> dict[str, str]:
+    return {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
+
+
+def _held_out(
+    questions: list[dict], chunks: dict[str, str]
+) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Test-split questions whose chunk exists, as IR evaluator queries and relevance sets."""
+    queries: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    for number, q in enumerate(questions):
+        if q.get("split") != "test" or not q.get("kept", True) or q["chunk_id"] not in chunks:
+            continue
+        qid = f"q{number}"
+        queries[qid] = q["question"]
+        relevant[qid] = {q["chunk_id"]}
+    return queries, relevant

