@@ -1,0 +1,139 @@
+"""The evaluate flow on a real Prefect API, with the real bundled MiniLM."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import FIXTURES
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.evaluate import EvaluateParams, evaluate
+from tasks.beir import load_beir
+from tasks.evaluation import MetricsError
+from tasks.report import CARD_HEADING
+from tasks.workspace import save_rows
+
+BEIR_TINY = FIXTURES / "beir-tiny"
+
+
+@pytest.fixture
+def tuned_copy(minilm, workspace):
+    """MiniLM saved as if it were a tuned model: same weights, so the gain is exactly zero."""
+    path = workspace.model_dir("minilm-copy")
+    minilm.save(str(path))
+    return path
+
+
+def _save_generated_set(workspace) -> int:
+    """Chunks and questions as the earlier stages write them; returns the kept test count."""
+    corpus, queries, relevant = load_beir(BEIR_TINY)
+    save_rows(
+        workspace.chunks_dir,
+        [
+            {
+                "id": cid,
+                "doc_id": "tiny",
+                "source": "beir-tiny",
+                "page_start": 1,
+                "page_end": 1,
+                "text": text,
+                "n_tokens": len(text.split()),
+            }
+            for cid, text in corpus.items()
+        ],
+    )
+    rows = [
+        {
+            "question": text,
+            "chunk_id": sorted(relevant[qid])[0],
+            "generator": "hand",
+            "split": "test",
+            "kept": True,
+            "reject_reason": "",
+        }
+        for qid, text in queries.items()
+    ]
+    # Training questions and rejected ones must not be evaluated.
+    rows.append({**rows[0], "question": "What do chloroplasts make?", "split": "train"})
+    rows.append({**rows[1], "question": "ATP?", "kept": False, "reject_reason": "too short"})
+    save_rows(workspace.questions_dir, rows)
+    return len(queries)
+
+
+def _artifacts(flow_run_id):
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.key: artifact for artifact in found if artifact.key}
+
+
+def test_identical_models_are_evaluated_and_not_published(prefect_api, workspace, tuned_copy):
+    n_test = _save_generated_set(workspace)
+
+    state = evaluate(
+        EvaluateParams(workspace=str(workspace.root), run_name="r1"), return_state=True
+    )
+    result = state.result()
+
+    assert not result.publish
+    assert "interval" in result.reason and "[+0.0000, +0.0000]" in result.reason
+    assert result.dim in (384, 256, 128, 64)
+    assert set(result.metrics) == {"base", "tuned"}
+    assert sorted(result.metrics["tuned"]) == [64, 128, 256, 384]
+    for metrics in result.metrics.values():
+        for values in metrics.values():
+            assert all(math.isfinite(v) for v in values.values())
+    assert result.metrics["base"] == result.metrics["tuned"]
+
+    report_dir = workspace.report_dir("r1")
+    assert result.report_dir == str(report_dir)
+    data = json.loads((report_dir / "metrics.json").read_text())
+    assert data["models"][1]["model"] == str(tuned_copy)  # the newest model in the workspace
+    assert data["models"][0]["n_queries"] == n_test
+    assert (report_dir / "ndcg_by_dim.png").stat().st_size > 0
+    assert result.reason in (report_dir / "report.md").read_text()
+
+    # The tuned model's card carries the evaluation.
+    assert CARD_HEADING in (tuned_copy / "README.md").read_text()
+    card = json.loads((tuned_copy / "ragtune.json").read_text())["evaluation"]
+    assert card["publish"] is False and card["dim"] == result.dim
+    assert card["metrics"]["384"]["ndcg@10"] == result.metrics["tuned"][384]["ndcg@10"]
+
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    rows = artifacts["evaluation-metrics"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [row["dim"] for row in rows] == [384, 256, 128, 64]
+    assert rows[0]["ndcg@10 gain"] == 0.0
+    assert "Not published" in artifacts["evaluation-report"].data
+
+
+def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, tuned_copy):
+    result = evaluate(
+        EvaluateParams(
+            workspace=str(workspace.root),
+            tuned_model=str(tuned_copy),
+            beir_folder=str(BEIR_TINY),
+            beir_split="dev",
+            run_name="beir",
+        )
+    )
+
+    data = json.loads((workspace.report_dir("beir") / "metrics.json").read_text())
+    assert data["models"][0]["n_queries"] == 2  # the dev split's two judged queries
+    assert data["title"] == "Retrieval on BEIR beir-tiny (dev)"
+    assert not result.publish
+
+
+def test_no_held_out_questions_is_a_clear_error(prefect_api, workspace, tuned_copy):
+    _save_generated_set(workspace)
+    save_rows(
+        workspace.questions_dir,
+        [{"question": "q?", "chunk_id": "d01", "split": "train", "kept": True}],
+    )
+
+    with pytest.raises(MetricsError, match="No kept test-split questions"):
+        evaluate.fn(EvaluateParams(workspace=str(workspace.root)))
