@@ -55,7 +55,7 @@ class QuestionParams(BaseModel):
     split_by: Literal["chunk", "document"] = Field(
         "chunk", description="Keep each chunk (or each whole document) on one side of the split."
     )
-    seed: int = Field(42, description="Seed for the chunk sample and the split.")
+    seed: int = Field(42, description="Seed for the chunk sample, the generator and the split.")
 
 
 class QuestionsResult(BaseModel):
@@ -76,7 +76,7 @@ class QuestionsResult(BaseModel):
 @flow(name="questions", log_prints=True)
 def questions(params: QuestionParams = QuestionParams()) -> QuestionsResult:  # noqa: B008
     """Generate, filter and split questions about the workspace's chunks."""
-    settings = {"n": params.questions_per_chunk, **params.generator_settings}
+    settings = {"n": params.questions_per_chunk, "seed": params.seed, **params.generator_settings}
     return ask(params, make_generator(params.generator, **settings))
 
 

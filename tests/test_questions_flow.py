@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prefect import flow
@@ -247,3 +250,69 @@ def test_max_chunks_asks_about_a_seeded_sample_only(prefect_api, chunked):
 def test_the_flow_names_an_unknown_generator(prefect_api, chunked):
     with pytest.raises(ValueError, match="Unknown question generator 'nope'"):
         questions(QuestionParams(workspace=str(chunked.root), generator="nope"))
+
+
+@pytest.fixture
+def chat_server():
+    """A real OpenAI-compatible chat endpoint on 127.0.0.1 that answers from the script."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = " ".join(m["content"] for m in body["messages"])
+            passage = next(text for _, text, _ in CORPUS.values() if text in prompt)
+            asked.append(passage)
+            said = next(said for _, text, said in CORPUS.values() if text == passage)
+            answer = {
+                "choices": [{"message": {"role": "assistant", "content": "\n".join(said)}}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 20},
+            }
+            blob = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", asked
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_flow_builds_its_generator_by_name_and_never_pays_twice(
+    prefect_api, chunked, chat_server
+):
+    """End to end through `make_generator`: the api generator against a real local server."""
+    base_url, asked = chat_server
+    params = QuestionParams(
+        workspace=str(chunked.root),
+        generator="api",
+        generator_settings={"base_url": base_url, "model": "scripted", "show_progress": False},
+        questions_per_chunk=4,
+        round_trip_top_k=1,
+    )
+    first = questions(params)
+    assert sorted(asked) == sorted(text for _, text, _ in CORPUS.values())
+    assert (first.llm_calls, first.failed, first.prompt_tokens) == (8, 0, 800)
+    assert first.generated == 19
+    assert first.rejected == {
+        "not_a_question": 1,
+        "copies_passage": 1,
+        "duplicate": 1,
+        "near_duplicate": 1,
+        "round_trip": 1,
+    }
+    assert first.kept == first.train + first.test == 14
+
+    second = questions(params)
+    assert len(asked) == len(CORPUS)
+    assert (second.llm_calls, second.cached, second.kept) == (0, 8, 14)
+    rows = load_rows(chunked.questions_dir)
+    assert {r["generator"] for r in rows} == {"api"}
