@@ -173,7 +173,7 @@ _PAGE_NUMBER = re.compile(
 )
 _BULLET = re.compile(r"^(?:[•◦▪‣∙·●○■□➢►–—*-]|\(?\d{1,2}[.)]|\(?[a-z][.)])\s")
 _LINE_END_HYPHEN = re.compile(r"(\w)-$")
-_EDGE_LINES = 3
+_EDGE_LINES = 2
 
 
 def clean_pdf_pages(raw_pages: list[str]) -> list[str]:
@@ -191,6 +191,8 @@ def clean_pdf_pages(raw_pages: list[str]) -> list[str]:
 
 def _lines(text: str) -> list[str]:
     text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    # Dot leaders (tables of contents) cost a token per dot and carry no meaning.
+    text = re.sub(r"(?:\. ?){4,}", " ", text)
     return [re.sub(r"\s+", " ", line).strip() for line in text.splitlines()]
 
 
