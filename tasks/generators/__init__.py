@@ -1,0 +1,82 @@
+"""Question generators behind one small protocol.
+
+A generator turns passages into questions. It is chosen by name with settings
+(`make_generator("local", n=2)`), and its `fingerprint()` names everything that changes its
+output, so the question cache can key on (chunk id, fingerprint) and never pay for LLM work twice.
+Backends are imported lazily: asking for `api` does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Generation:
+    """What one passage produced."""
+
+    #: one question per item, lightly stripped (no numbering); deeper cleaning is questions.py's
+    questions: list[str]
+    #: set when the passage failed after retries; `questions` is then empty
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class QuestionGenerator(Protocol):
+    name: str
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that changes the output (never a secret)."""
+        ...
+
+    def generate(
+        self, passages: Sequence[str], progress: Progress | None = None
+    ) -> list[Generation]:
+        """One `Generation` per passage, in order; a failed passage never raises."""
+        ...
+
+
+def _registry() -> dict[str, Callable[[], type]]:
+    def local() -> type:
+        from tasks.generators.local import LocalGenerator
+
+        return LocalGenerator
+
+    def api() -> type:
+        from tasks.generators.api import ApiGenerator
+
+        return ApiGenerator
+
+    return {"local": local, "api": api}
+
+
+GENERATORS = ("local", "api")
+
+
+def make_generator(name: str, **settings: Any) -> QuestionGenerator:
+    """Build the generator called `name` with `settings`; unknown names or settings are a
+    `ValueError` that lists what is known."""
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(
+            f"Unknown question generator {name!r}; known generators: {', '.join(registry)}"
+        )
+    cls = registry[name]()
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown setting(s) for the {name!r} generator: {', '.join(unknown)}; "
+            f"known settings: {', '.join(sorted(known))}"
+        )
+    return cls(**settings)
+
+
+__all__ = ["GENERATORS", "Generation", "Progress", "QuestionGenerator", "make_generator"]

