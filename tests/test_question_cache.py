@@ -174,3 +174,13 @@ def test_the_cache_refuses_failures_and_odd_fingerprints(tmp_path):
     with pytest.raises(ValueError, match="fingerprint"):
         cache.get("a", "../escape")
     assert cache.get("a", "fp1") is None
+
+
+def test_a_generator_that_loses_passages_is_an_error_naming_it(tmp_path):
+    class Lossy(CountingGenerator):
+        def generate(self, passages, progress=None):
+            return super().generate(passages, progress)[:-1]
+
+    with pytest.raises(RuntimeError, match="'counting' returned 1 results for 2 passages"):
+        generate_with_cache([chunk("alpha"), chunk("beta")], Lossy(), QuestionCache(tmp_path))
+    assert QuestionCache(tmp_path).get("id-alpha", "counting-v1") is None

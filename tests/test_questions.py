@@ -11,6 +11,7 @@ from tasks.questions import (
     clean_question,
     filter_questions,
     round_trip_filter,
+    sample_chunks,
     split_questions,
     summarise,
 )
@@ -291,3 +292,17 @@ def test_summarise_counts_every_fate():
     assert summary["rejected"]["round_trip"] == 2
     assert summary["rejected"]["duplicate"] == 1
     assert summary["rejected"]["too_long"] == 0
+
+
+def test_sample_chunks_is_seeded_in_corpus_order_and_stable_as_the_corpus_grows():
+    chunks = [{"id": f"c{i}", "text": f"chunk {i}"} for i in range(50)]
+    picked = sample_chunks(chunks, 10, seed=1)
+    assert len(picked) == 10
+    assert picked == sorted(picked, key=lambda c: int(c["id"][1:]))
+    assert sample_chunks(chunks, 10, seed=1) == picked
+    assert sample_chunks(chunks, 10, seed=2) != picked
+    grown = sample_chunks([*chunks, *({"id": f"n{i}", "text": "new"} for i in range(5))], 10, 1)
+    assert len({c["id"] for c in picked} & {c["id"] for c in grown}) >= 5
+    assert sample_chunks(chunks, None) == chunks
+    with pytest.raises(ValueError, match="max_chunks"):
+        sample_chunks(chunks, 0)
