@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.generators import Generation
 from tasks.questions import Question
 
 Progress = Callable[[int, int], None]
@@ -50,10 +51,8 @@ class QuestionCache:
             self._loaded[fingerprint] = entries
         return self._loaded[fingerprint]
 
-    def get(self, chunk_id: str, fingerprint: str) -> Any | None:
+    def get(self, chunk_id: str, fingerprint: str) -> Generation | None:
         """The cached `Generation` for a chunk, or None if it was never generated."""
-        from tasks.generators import Generation
-
         record = self._entries(fingerprint).get(chunk_id)
         if record is None:
             return None
