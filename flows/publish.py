@@ -1,0 +1,177 @@
+"""Publish: embed the workspace's chunks with a model and point an alias at the result.
+
+The work (versioned collection, copy-not-re-embed, count check, alias swap, pruning) is in
+`tasks.store.publish`; this flow chooses defaults (the newest model in the workspace at its full
+width, the model's own prompts), takes the one publisher slot, and reports to the dashboard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prefect import flow
+from prefect.concurrency.sync import concurrency
+from pydantic import BaseModel, Field
+
+from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.search import open_store
+from tasks import store
+from tasks.models import load_model
+from tasks.workspace import Workspace, load_rows
+
+#: The Prefect global concurrency limit that lets one publisher run at a time.
+PUBLISH_LIMIT = "ragtune-publish"
+
+
+class PublishParams(BaseModel):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    model: str | None = Field(
+        None,
+        description="Embedding model (folder, bundled name or hub id); blank: the newest model "
+        "in the workspace's models/.",
+    )
+    dim: int | None = Field(
+        None, ge=1, description="Embedding dimension (Matryoshka); blank: the model's full width."
+    )
+    alias: str = Field("docs", description="Stable name readers query; moved to the new version.")
+    corpus: str = Field("docs", description="Corpus name, the first part of collection names.")
+    chroma_path: str | None = Field(
+        None, description="Embedded Chroma folder; blank: the workspace's chroma/."
+    )
+    chroma_host: str | None = Field(
+        None, description="Chroma server host (`chroma run`); blank: the embedded store."
+    )
+    chroma_port: int = Field(8000, description="Chroma server port.")
+    chroma_token_env: str | None = Field(
+        None, description="Environment variable holding the Chroma server's auth token."
+    )
+    keep_versions: int = Field(
+        3, ge=2, description="Versions kept per alias (live and previous are always kept)."
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Headline metrics to record on the collection."
+    )
+
+
+class PublishResult(BaseModel):
+    alias: str
+    collection: str
+    count: int
+    embedded: int
+    copied: int
+    swapped: bool
+    previous: str | None = None
+
+
+def newest_model(ws: Workspace) -> str:
+    """The most recently saved sentence-transformers folder under the workspace's models/."""
+    saved = (
+        sorted(ws.models_dir.glob("*/modules.json"), key=lambda p: p.stat().st_mtime)
+        if ws.models_dir.is_dir()
+        else []
+    )
+    if not saved:
+        raise FileNotFoundError(
+            f"no model in {ws.models_dir}: run `ragtune finetune` first, or set model= "
+            f"(a folder, a hub id, or the bundled all-MiniLM-L6-v2)"
+        )
+    return str(saved[-1].parent)
+
+
+def ensure_publish_limit() -> None:
+    """Create the one-slot limit if missing: Prefect treats an unknown limit as no limit at all.
+
+    An existing limit is left as the operator set it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(PUBLISH_LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=PUBLISH_LIMIT, limit=1)
+                )
+
+
+@flow(name="publish", log_prints=True)
+def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: B008
+    """Publish the workspace's chunks as a complete new version and swap the alias to it."""
+    ws = Workspace.at(params.workspace)
+    chunks = load_rows(ws.chunks_dir)
+    model_ref = params.model or newest_model(ws)
+    model = load_model(model_ref)
+    width = model.get_embedding_dimension()
+    dim = params.dim or width
+    prompts = model.prompts or {}
+    query_prompt = prompts.get("query", "")
+    document_prompt = prompts.get("document") or prompts.get("passage", "")
+    client = open_store(
+        params.workspace,
+        params.chroma_path,
+        params.chroma_host,
+        params.chroma_port,
+        params.chroma_token_env,
+    )
+    print(f"publishing {len(chunks)} chunks with {model_ref} at dim {dim} as {params.alias!r}")
+
+    ensure_publish_limit()
+    with concurrency(PUBLISH_LIMIT, occupy=1, strict=True):
+        done = store.publish(
+            client,
+            chunks,
+            model,
+            model_ref=model_ref,
+            dim=dim,
+            alias=params.alias,
+            corpus=params.corpus,
+            query_prompt=query_prompt,
+            document_prompt=document_prompt,
+            metrics=params.metrics,
+            keep_versions=params.keep_versions,
+            progress=progress_artifact("publish", f"Embedding and storing {len(chunks)} chunks"),
+        )
+
+    result = PublishResult(
+        alias=done.alias,
+        collection=done.collection,
+        count=done.count,
+        embedded=done.embedded,
+        copied=done.copied,
+        swapped=done.swapped,
+        previous=done.previous,
+    )
+    action = (
+        f"`{done.alias}` now points to `{done.collection}`"
+        + (f" (was `{done.previous}`)." if done.previous else ".")
+        if done.swapped
+        else f"`{done.alias}` already pointed to `{done.collection}`: nothing to swap."
+    )
+    markdown(
+        "publish-summary",
+        f"# Published `{done.alias}`\n\n{action}\n\n"
+        + markdown_table(
+            [
+                {
+                    "alias": done.alias,
+                    "collection": done.collection,
+                    "chunks": done.count,
+                    "embedded": done.embedded,
+                    "copied": done.copied,
+                    "model": model_ref,
+                    "dim": dim,
+                    "query prompt": repr(query_prompt),
+                    "store": store.where(client),
+                }
+            ]
+        ),
+        description="Which collection the alias serves and what it cost to build.",
+    )
+    print(
+        f"{done.alias} -> {done.collection}: {done.count} chunks, {done.embedded} embedded, "
+        f"{done.copied} copied, swapped={done.swapped}"
+    )
+    return result

@@ -1,0 +1,90 @@
+"""Search: query the collection an alias points to, the way its documents were embedded.
+
+The query is embedded with the live collection's own model, query prompt and dimension (all read
+from the collection's metadata), so a reader needs nothing but the alias and the store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from tasks import store
+from tasks.workspace import Workspace
+
+if TYPE_CHECKING:
+    from chromadb.api import ClientAPI
+
+
+class SearchParams(BaseModel):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    query: str = Field(..., description="What to search for, in plain words.")
+    k: int = Field(5, ge=1, le=100, description="How many chunks to return.")
+    alias: str = Field("docs", description="Stable name of the published collection.")
+    chroma_path: str | None = Field(
+        None, description="Embedded Chroma folder; blank: the workspace's chroma/."
+    )
+    chroma_host: str | None = Field(
+        None, description="Chroma server host (`chroma run`); blank: the embedded store."
+    )
+    chroma_port: int = Field(8000, description="Chroma server port.")
+    chroma_token_env: str | None = Field(
+        None, description="Environment variable holding the Chroma server's auth token."
+    )
+
+
+def open_store(
+    workspace: str,
+    chroma_path: str | None = None,
+    chroma_host: str | None = None,
+    chroma_port: int = 8000,
+    chroma_token_env: str | None = None,
+) -> ClientAPI:
+    """The store that flow settings name: a server when a host is set, else an embedded folder."""
+    token = None
+    if chroma_token_env:
+        token = os.environ.get(chroma_token_env)
+        if not token:
+            raise store.StoreError(
+                f"chroma_token_env={chroma_token_env!r}, but that environment variable is empty"
+            )
+    if chroma_host:
+        return store.connect(host=chroma_host, port=chroma_port, token=token)
+    return store.connect(chroma_path or Workspace.at(workspace).chroma_dir)
+
+
+def format_hits(hits: Iterable[store.Hit | Mapping[str, Any]], width: int = 160) -> str:
+    """Ranked hits as terminal lines: rank, score, source and pages, a one-line snippet."""
+    lines = []
+    for rank, hit in enumerate(hits, start=1):
+        row = asdict(hit) if isinstance(hit, store.Hit) else dict(hit)
+        pages = (
+            f"p.{row['page_start']}"
+            if row["page_start"] == row["page_end"]
+            else f"p.{row['page_start']}-{row['page_end']}"
+        )
+        snippet = " ".join(str(row["text"]).split())
+        if len(snippet) > width:
+            snippet = snippet[: width - 1].rstrip() + "…"
+        lines.append(f"{rank:>2}. {row['score']:.3f}  {row['source']} {pages}\n    {snippet}")
+    return "\n".join(lines) if lines else "(no hits)"
+
+
+@flow(name="search", log_prints=True)
+def search(params: SearchParams) -> list[dict[str, Any]]:
+    """Embed the query like the live collection's documents and return the top k chunks."""
+    client = open_store(
+        params.workspace,
+        params.chroma_path,
+        params.chroma_host,
+        params.chroma_port,
+        params.chroma_token_env,
+    )
+    hits = store.search(client, params.alias, params.query, k=params.k)
+    print(format_hits(hits))
+    return [asdict(hit) for hit in hits]
