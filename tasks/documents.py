@@ -266,15 +266,18 @@ class _HyphenJoiner:
 def _paragraphs(lines: list[str], joiner: _HyphenJoiner) -> str:
     """Lines → paragraphs separated by blank lines; wrapped lines joined into one line.
 
-    Extracted PDF text rarely marks paragraphs with blank lines, so a line much shorter than the
-    page's usual line also ends a paragraph (the last line of a justified paragraph, a heading),
-    and a bullet starts one.
+    Extracted PDF text rarely marks paragraphs with blank lines, so a bullet starts one and a
+    line shorter than the page's usual line ends one when it reads like an ending: the last
+    line of a justified paragraph (closing punctuation) or a heading (several words, the next
+    line starting a new sentence). Extractors also emit stray short lines mid-sentence
+    ("In" / "March 2020, ..."); those are neither, and are joined.
     """
     lengths = [len(line) for line in lines if len(line) > 1]
     usual = statistics.median(lengths) if lengths else 0
+    following = _next_lines(lines)
     paragraphs: list[str] = []
     current = ""
-    for line in lines:
+    for line, after in zip(lines, following, strict=True):
         if not line:
             if current:
                 paragraphs.append(current)
@@ -289,12 +292,31 @@ def _paragraphs(lines: list[str], joiner: _HyphenJoiner) -> str:
             current = joiner.join(current, line)
         else:
             current = f"{current} {line}"
-        if len(line) < 0.6 * usual and not _LINE_END_HYPHEN.search(line):
+        if _ends_paragraph(line, after, len(line) / usual if usual else 1.0):
             paragraphs.append(current)
             current = ""
     if current:
         paragraphs.append(current)
     return "\n\n".join(paragraphs)
+
+
+def _next_lines(lines: list[str]) -> list[str]:
+    """For each line, the next non-empty line (or "")."""
+    following, nxt = [], ""
+    for line in reversed(lines):
+        following.append(nxt)
+        if line:
+            nxt = line
+    return following[::-1]
+
+
+def _ends_paragraph(line: str, after: str, share: float) -> bool:
+    """`share`: the line's length relative to the page's usual line."""
+    if share < 0.8 and re.search(r"[.!?:;][\"'”’)\]]*$", line):
+        return True
+    heading = len(line.split()) >= 2 and not re.search(r"[,\-–(]$", line)
+    starts = not after or bool(re.match(r"[\"“(\[]?[A-Z0-9•]", after))
+    return share < 0.6 and heading and starts
 
 
 # --------------------------------------------------------------------------------------------
