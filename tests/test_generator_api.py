@@ -347,6 +347,8 @@ def test_bad_names_and_settings_are_clear_errors():
         make_generator("gpt")
     with pytest.raises(ValueError, match=r"Unknown setting\(s\) for the 'api' generator: modle"):
         make_generator("api", modle="x")
+    with pytest.raises(ValueError, match=r"api_key.*environment variable named by api_key_env"):
+        make_generator("api", api_key="sk-not-here")
     with pytest.raises(ValueError, match=r"chat_template must contain the placeholder"):
         make_generator("api", chat_template="no passage here")
     with pytest.raises(ValueError, match="endpoint must be 'chat' or 'completions'"):

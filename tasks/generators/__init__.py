@@ -72,9 +72,16 @@ def make_generator(name: str, **settings: Any) -> QuestionGenerator:
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(settings) - known)
     if unknown:
+        hint = (
+            " (an API key never goes in settings, which end up in flow-run parameters: put it in "
+            "the environment variable named by api_key_env, or in a Prefect Secret block named "
+            "by api_key_secret)"
+            if "api_key" in unknown
+            else ""
+        )
         raise ValueError(
             f"Unknown setting(s) for the {name!r} generator: {', '.join(unknown)}; "
-            f"known settings: {', '.join(sorted(known))}"
+            f"known settings: {', '.join(sorted(known))}{hint}"
         )
     return cls(**settings)
 

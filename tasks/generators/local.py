@@ -101,6 +101,12 @@ def load_gemma(root: Path | None = None) -> tuple[Any, Any]:
         return _LOADED[str(path)]
 
 
+def unload_gemma() -> None:
+    """Drop the loaded model (about 1 GB), e.g. before training in the same process."""
+    with _LOAD_LOCK:
+        _LOADED.clear()
+
+
 def default_threads() -> int:
     """All cores this process may use, capped: a 270M model stops scaling past a few."""
     return max(1, min(len(os.sched_getaffinity(0)), 8))

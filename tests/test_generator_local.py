@@ -1,0 +1,120 @@
+"""The `local` generator: the bundled Gemma 3 270M on real chunks of the NIST AI 600-1 PDF.
+
+One generator and one generation run are shared by the whole module: the first load of the model
+dequantises the GGUF (about a minute) and caches it; every later load takes seconds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import NIST_PDF
+from pypdf import PdfReader
+
+from tasks.generators import make_generator
+from tasks.generators.local import LocalGenerator
+
+QUESTION_START = re.compile(
+    r"^(what|which|who|whom|whose|when|where|why|how|is|are|was|were|do|does|did|can|could|"
+    r"should|would|will|has|have|may|in what|to what)\b",
+    re.I,
+)
+
+
+def nist_chunks(first_page: int, count: int, size: int = 600) -> list[str]:
+    """Chunks made by packing the PDF's lines up to `size` characters (no ingest module needed)."""
+    reader = PdfReader(NIST_PDF)
+    chunks: list[str] = []
+    current = ""
+    for page in reader.pages[first_page:]:
+        for line in page.extract_text().splitlines():
+            line = line.strip()
+            if len(line) < 3:
+                continue  # page numbers
+            current = f"{current} {line}".strip()
+            if len(current) >= size:
+                chunks.append(current)
+                current = ""
+                if len(chunks) == count:
+                    return chunks
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def chunks() -> list[str]:
+    return nist_chunks(first_page=6, count=3)
+
+
+@pytest.fixture(scope="module")
+def generator() -> LocalGenerator:
+    return make_generator("local", n=2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def generated(generator, chunks):
+    calls: list[tuple[int, int]] = []
+    results = generator.generate([*chunks, "  "], progress=lambda d, t: calls.append((d, t)))
+    return results, calls
+
+
+def test_questions_are_question_shaped_and_about_the_passage(generated, chunks):
+    results, _ = generated
+    questions = [q for r in results[: len(chunks)] for q in r.questions]
+    for result in results[: len(chunks)]:
+        assert result.error is None
+        assert len(result.questions) == 2
+        assert result.prompt_tokens > 2 * 100 and 2 <= result.completion_tokens <= 2 * 40
+    for question, chunk in zip(questions, [c for c in chunks for _ in range(2)], strict=True):
+        assert question.endswith("?"), question
+        assert "\n" not in question and not question.startswith(("Question", "1."))
+        assert question.lower().rstrip("?") not in chunk.lower(), "a copy of the passage"
+    assert sum(bool(QUESTION_START.match(q)) for q in questions) >= len(questions) * 0.6
+    assert len(set(questions)) >= len(questions) - 1, "sampled questions should differ"
+
+
+def test_an_empty_passage_fails_alone_and_progress_reaches_the_end(generated, chunks):
+    results, calls = generated
+    assert results[-1].questions == [] and results[-1].error == "empty passage"
+    assert calls[-1] == (len(chunks) + 1, len(chunks) + 1)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_same_seed_same_questions_whatever_the_batch(generated, chunks):
+    """Each sequence samples from its own generator seeded by the passage, so a passage's
+    questions do not depend on what else shares its batch."""
+    results, _ = generated
+    again = make_generator("local", n=2, batch_size=2, show_progress=False)
+    [second] = again.generate([chunks[1]])
+    assert second.questions == results[1].questions
+
+
+def test_fingerprint_changes_with_what_changes_the_output():
+    base = LocalGenerator()
+    assert base.fingerprint() == LocalGenerator(batch_size=2, threads=1).fingerprint()
+    for change in (
+        {"n": 2},
+        {"seed": 1},
+        {"temperature": 0.9},
+        {"template": "{examples}Text: {passage}\nQuestion:"},
+        {"few_shot": [("A passage.", "A question?")]},
+        {"example_queries": ["reset password"]},
+    ):
+        assert LocalGenerator(**change).fingerprint() != base.fingerprint(), change
+
+
+def test_prompt_rotates_examples_between_passages(chunks):
+    gen = LocalGenerator()
+    prompts = [gen.prompt(c) for c in chunks]
+    examples = [p.split(f"Passage: {c[:40]}")[0] for p, c in zip(prompts, chunks, strict=True)]
+    assert len(set(examples)) > 1
+    assert all(p.endswith("\nQuestion:") and p.count("Passage:") == 4 for p in prompts)
+
+
+def test_bad_settings_name_the_setting():
+    with pytest.raises(ValueError, match="template must contain the placeholder"):
+        LocalGenerator(template="{passage} only")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        make_generator("local", batch_size=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        LocalGenerator(temperature=0)
