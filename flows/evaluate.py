@@ -184,7 +184,7 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
     if tuned_dir.is_dir():
         update_model_card(
             tuned_dir,
-            card_section(evals[:2], decision, intervals),
+            card_section(evals[:2], decision, intervals, source),
             {
                 "run": run,
                 "report_dir": str(paths["report"].parent),

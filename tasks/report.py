@@ -66,7 +66,7 @@ def write_report(
         "regressions": regressions,
     }
     paths["metrics"].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    _plot(paths["plot"], evals, title)
+    _plot(paths["plot"], evals, title, decision)
     paths["report"].write_text(
         report_markdown(evals, decision, intervals, regressions, title, paths["plot"].name),
         encoding="utf-8",
@@ -105,13 +105,13 @@ def report_markdown(
     """The human report: decision first, then the plot's numbers, intervals and regressions."""
     parts = [f"# {title}\n"]
     if decision is not None:
-        verdict = "**Published**" if decision.publish else "**Not published**"
-        parts.append(f"{verdict} at dimension {decision.dim}. {decision.reason}\n")
+        parts.append(f"**Gate decision.** {decision.reason}\n")
     parts.append(
         "Models: "
         + "; ".join(
             f"`{e.name}` = `{e.model}` ({e.n_queries} queries, {e.n_corpus} documents"
-            + (f", query prompt {e.query_prompt!r}" if e.query_prompt else "")
+            + (f", query prompt {_short(e.query_prompt)!r}" if e.query_prompt else "")
+            + (f", document prompt {_short(e.corpus_prompt)!r}" if e.corpus_prompt else "")
             + ")"
             for e in evals
         )
@@ -153,15 +153,14 @@ def card_section(
     evals: list[ModelEval],
     decision: GateDecision | None,
     intervals: dict[int, tuple[float, float, float]],
+    source: str | None = None,
 ) -> str:
     """The "## ragtune evaluation" section of a model card."""
     lines = [CARD_HEADING, ""]
+    if source:
+        lines += [f"Evaluated on {source}, against `{evals[0].model}`.", ""]
     if decision is not None:
-        lines.append(
-            f"Gate: {'published' if decision.publish else 'not published'} at dimension "
-            f"{decision.dim}. {decision.reason}"
-        )
-        lines.append("")
+        lines += [f"Gate decision: {decision.reason}", ""]
     lines.append(_markdown_table(dim_rows(evals, intervals)))
     tuned = evals[-1]
     lines.append(f"All metrics of `{tuned.name}` ({tuned.n_queries} queries):\n")
@@ -204,7 +203,11 @@ def _decision_dict(decision: GateDecision | None) -> dict[str, Any] | None:
     }
 
 
-def _plot(path: Path, evals: list[ModelEval], title: str) -> None:
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _plot(path: Path, evals: list[ModelEval], title: str, decision: GateDecision | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +218,14 @@ def _plot(path: Path, evals: list[ModelEval], title: str) -> None:
         for e in evals:
             dims = sorted(e.metrics)
             ax.plot(dims, [e.metrics[d][HEADLINE] for d in dims], marker="o", label=e.name)
+        if decision is not None:
+            ax.axvline(
+                decision.dim,
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label=f"chosen dim {decision.dim}" + ("" if decision.publish else " (blocked)"),
+            )
         all_dims = sorted({d for e in evals for d in e.metrics})
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_dims, [str(d) for d in all_dims])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import FIXTURES
 
 from tasks.beir import BeirFormatError, load_beir
+from tests.conftest import FIXTURES
 
 BEIR_TINY = FIXTURES / "beir-tiny"
 

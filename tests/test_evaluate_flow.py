@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from conftest import FIXTURES
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -15,6 +14,7 @@ from tasks.beir import load_beir
 from tasks.evaluation import MetricsError
 from tasks.report import CARD_HEADING
 from tasks.workspace import save_rows
+from tests.conftest import FIXTURES
 
 BEIR_TINY = FIXTURES / "beir-tiny"
 
@@ -108,7 +108,7 @@ def test_identical_models_are_evaluated_and_not_published(prefect_api, workspace
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert [row["dim"] for row in rows] == [384, 256, 128, 64]
     assert rows[0]["ndcg@10 gain"] == 0.0
-    assert "Not published" in artifacts["evaluation-report"].data
+    assert "Do not publish" in artifacts["evaluation-report"].data
 
 
 def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, tuned_copy):

@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
 from tasks.beir import load_beir
@@ -34,8 +33,9 @@ from tasks.evaluation import (
     regressions,
 )
 from tasks.report import CARD_HEADING, card_section, update_model_card, write_report
+from tests.conftest import FIXTURES
 
-POISON = "The recipe for tomato soup needs ripe tomatoes, garlic, olive oil, basil and salt. " * 12
+POISON = "The recipe for tomato soup needs ripe tomatoes, garlic, olive oil, basil and salt. " * 5
 DIMS = [384, 256, 128, 64]
 
 
