@@ -6,15 +6,16 @@ import itertools
 import re
 
 import pytest
-from conftest import FIXTURES, NIST_PDF
 
 from tasks.chunking import Chunk, chunk_id, chunk_pages, max_chunk_tokens, normalise
 from tasks.documents import Page, read_document
+from tests.conftest import FIXTURES
+from tests.test_documents import read_nist
 
 
 @pytest.fixture(scope="module")
 def nist_pages() -> list[Page]:
-    return read_document(NIST_PDF, NIST_PDF.parent)
+    return list(read_nist())
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,9 @@ def tokenizer(minilm):
 @pytest.fixture(scope="module")
 def nist_chunks(nist_pages, tokenizer) -> list[Chunk]:
     return chunk_pages(nist_pages, tokenizer, max_tokens=254, overlap=32)
+
+
+RAGAS_PDF = FIXTURES / "RAGAS_2309.15217.pdf"
 
 
 def count(tokenizer, text: str) -> int:
@@ -88,9 +92,14 @@ def test_no_running_page_number_survives_in_the_chunks(nist_pages, nist_chunks):
 
 
 def test_ids_are_identical_across_runs(nist_pages, tokenizer, nist_chunks):
-    again = chunk_pages(read_document(NIST_PDF, NIST_PDF.parent), tokenizer, 254, 32)
+    again = chunk_pages(nist_pages, tokenizer, 254, 32)
     assert [c.id for c in again] == [c.id for c in nist_chunks]
     assert len({c.id for c in nist_chunks}) == len(nist_chunks)
+    # reading included: two independent reads of a PDF give the same chunk ids
+    first, second = (read_document(RAGAS_PDF) for _ in range(2))
+    assert [c.id for c in chunk_pages(first, tokenizer)] == [
+        c.id for c in chunk_pages(second, tokenizer)
+    ]
 
 
 def test_chunk_id_hashes_the_normalised_text():
@@ -153,7 +162,7 @@ def test_chunks_never_span_documents_and_duplicates_are_dropped(tokenizer):
 
 
 def test_records_and_the_two_column_paper_chunk_in_order(tokenizer):
-    pages = read_document(FIXTURES / "RAGAS_2309.15217.pdf")
+    pages = read_document(RAGAS_PDF)
     chunks = chunk_pages(pages, tokenizer, max_tokens=128, overlap=16)
     text = " ".join(flat(c.text) for c in chunks)
     assert text.index("two fundamental limitations") < text.index("usefulness of retrieval")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import FIXTURES
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.ingest import IngestParams, IngestResult, ingest
 from tasks.workspace import fingerprint_rows, load_rows
+from tests.conftest import FIXTURES
 
 
 def test_ingest_saves_chunks_and_reports_the_bad_file(prefect_api, workspace, tmp_path):
