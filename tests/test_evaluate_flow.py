@@ -9,7 +9,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.evaluate import EvaluateParams, evaluate
+from flows.evaluate import EvaluateParams, evaluate, generated_eval_set
 from tasks.beir import load_beir
 from tasks.evaluation import MetricsError
 from tasks.report import CARD_HEADING
@@ -118,6 +118,7 @@ def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, 
             tuned_model=str(tuned_copy),
             beir_folder=str(BEIR_TINY),
             beir_split="dev",
+            other_models=["all-MiniLM-L6-v2"],
             run_name="beir",
         )
     )
@@ -126,6 +127,7 @@ def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, 
     assert data["models"][0]["n_queries"] == 2  # the dev split's two judged queries
     assert data["title"] == "Retrieval on BEIR beir-tiny (dev)"
     assert not result.publish
+    assert set(result.metrics) == {"base", "tuned", "other-1"}
 
 
 def test_no_held_out_questions_is_a_clear_error(prefect_api, workspace, tuned_copy):
@@ -137,3 +139,11 @@ def test_no_held_out_questions_is_a_clear_error(prefect_api, workspace, tuned_co
 
     with pytest.raises(MetricsError, match="No kept test-split questions"):
         evaluate.fn(EvaluateParams(workspace=str(workspace.root)))
+
+
+def test_questions_about_chunks_that_no_longer_exist_are_a_clear_error(workspace):
+    _save_generated_set(workspace)
+    save_rows(workspace.chunks_dir, [{"id": "d02", "text": "Only one chunk is left."}])
+
+    with pytest.raises(MetricsError, match=r"19 test questions .* re-run the questions flow"):
+        generated_eval_set(workspace)
