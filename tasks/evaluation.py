@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,8 +85,8 @@ class GateDecision:
     gain: float
     low: float
     high: float
-    base_ndcg: float = field(default=math.nan)
-    tuned_ndcg: float = field(default=math.nan)
+    base_ndcg: float | None = None
+    tuned_ndcg: float | None = None
 
 
 def ranking_metrics(ranking: Sequence[str], relevant: set[str]) -> dict[str, float]:
