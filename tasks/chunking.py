@@ -88,16 +88,45 @@ def chunk_pages(
     if overlap < 0 or overlap >= max_tokens:
         raise ValueError(f"overlap must be in [0, max_tokens), got {overlap} with {max_tokens}")
     counter = _Counter(tokenizer)
+    documents = [list(group) for _, group in groupby(pages, key=lambda page: page.doc_id)]
+    bodies: list[tuple[Page, list[_Unit]]] = []
+    for doc_pages, units in zip(documents, _units(documents, counter, max_tokens), strict=True):
+        bodies.extend((doc_pages[0], body) for body in _pack(units, counter, max_tokens, overlap))
+    texts = [_join(body) for _, body in bodies]
+    counts = counter.many(texts)
     chunks: list[Chunk] = []
     seen: set[str] = set()
-    for doc_id, doc_pages in groupby(pages, key=lambda page: page.doc_id):
-        doc_pages = list(doc_pages)
-        units = _units(doc_pages, counter, max_tokens)
-        for chunk in _pack(units, counter, doc_id, doc_pages[0].source, max_tokens, overlap):
+    for (first, body), text, n_tokens in zip(bodies, texts, counts, strict=True):
+        # Counts of parts do not always add up to the count of their join (subword merges
+        # across a join): the rare chunk that ends up over the limit is halved until it fits.
+        parts = [(body, text, n_tokens)]
+        if n_tokens > max_tokens:
+            parts = _fit_body(body, counter, max_tokens)
+        for part, part_text, part_tokens in parts:
+            chunk = Chunk(
+                id=chunk_id(part_text),
+                doc_id=first.doc_id,
+                source=first.source,
+                page_start=min(u.page for u in part),
+                page_end=max(u.page for u in part),
+                text=part_text,
+                n_tokens=part_tokens,
+            )
             if chunk.id not in seen:
                 seen.add(chunk.id)
                 chunks.append(chunk)
     return chunks
+
+
+def _fit_body(
+    body: list[_Unit], counter: _Counter, max_tokens: int
+) -> list[tuple[list[_Unit], str, int]]:
+    text = _join(body)
+    n_tokens = counter.one(text)
+    if n_tokens <= max_tokens or len(body) == 1:
+        return [(body, text, n_tokens)]
+    half = len(body) // 2
+    return _fit_body(body[:half], counter, max_tokens) + _fit_body(body[half:], counter, max_tokens)
 
 
 class _Counter:
@@ -105,32 +134,53 @@ class _Counter:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust backend counts without building Python-side encodings (a
+        # third of the time on a large corpus). It is a copy with truncation and padding off:
+        # tokenizer.json files often set them (MiniLM's truncates at 128), which would cap
+        # every count silently.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
 
     def many(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if self.backend is not None:
+            return [len(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        # verbose=False: texts longer than the model's window are expected here (that is what
+        # is being measured), so the tokenizer's warning about them is noise.
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [len(i) for i in ids]
 
     def one(self, text: str) -> int:
         return self.many([text])[0]
 
 
-def _units(pages: list[Page], counter: _Counter, max_tokens: int) -> list[_Unit]:
-    """A document's sentences in order, each ≤ max_tokens, marked where paragraphs start."""
-    raw: list[tuple[str, int, bool]] = []
-    for page in pages:
-        for paragraph in re.split(r"\n\s*\n", page.text):
-            for i, sentence in enumerate(_sentences(paragraph)):
-                raw.append((sentence, page.page, i == 0))
-    counts = counter.many([text for text, _, _ in raw])
-    units: list[_Unit] = []
-    for (text, page, starts), n in zip(raw, counts, strict=True):
+def _units(documents: list[list[Page]], counter: _Counter, max_tokens: int) -> list[list[_Unit]]:
+    """Each document's sentences in order, each ≤ max_tokens, marked where paragraphs start.
+
+    All sentences of all documents are counted in one tokenizer call: a corpus of many short
+    records is otherwise dominated by per-call overhead.
+    """
+    raw: list[tuple[int, str, int, bool]] = []
+    for index, pages in enumerate(documents):
+        for page in pages:
+            for paragraph in re.split(r"\n\s*\n", page.text):
+                for i, sentence in enumerate(_sentences(paragraph)):
+                    raw.append((index, sentence, page.page, i == 0))
+    counts = counter.many([text for _, text, _, _ in raw])
+    units: list[list[_Unit]] = [[] for _ in documents]
+    for (index, text, page, starts), n in zip(raw, counts, strict=True):
         if n <= max_tokens:
-            units.append(_Unit(text, page, n, starts))
+            units[index].append(_Unit(text, page, n, starts))
             continue
         for j, piece in enumerate(_split_long(text, counter, max_tokens)):
-            units.append(_Unit(piece, page, counter.one(piece), starts and j == 0))
+            units[index].append(_Unit(piece, page, counter.one(piece), starts and j == 0))
     return units
 
 
@@ -197,16 +247,11 @@ def _join(units: Sequence[_Unit]) -> str:
 
 
 def _pack(
-    units: list[_Unit],
-    counter: _Counter,
-    doc_id: str,
-    source: str,
-    max_tokens: int,
-    overlap: int,
-) -> list[Chunk]:
+    units: list[_Unit], counter: _Counter, max_tokens: int, overlap: int
+) -> list[list[_Unit]]:
     """Greedy packing of whole units; a chunk ends at a paragraph break when one falls in its
     second half, and the next chunk starts with up to `overlap` tokens of its end."""
-    chunks: list[Chunk] = []
+    bodies: list[list[_Unit]] = []
     prefix: list[_Unit] = []  # the overlap carried from the previous chunk
     start = 0
     while start < len(units):
@@ -217,36 +262,13 @@ def _pack(
             end += 1
         if end < len(units):
             end = _paragraph_cut(units, start, end, size, max_tokens)
-        body = prefix + units[start:end]
-        text = _join(body)
-        n_tokens = counter.one(text)
-        while n_tokens > max_tokens and (prefix or end - start > 1):
-            # Counts of parts do not always add up (subword merges across joins): shed the
-            # overlap first, then whole units from the end.
-            if prefix:
-                prefix = []
-            else:
-                end -= 1
-            body = prefix + units[start:end]
-            text = _join(body)
-            n_tokens = counter.one(text)
-        chunks.append(
-            Chunk(
-                id=chunk_id(text),
-                doc_id=doc_id,
-                source=source,
-                page_start=min(u.page for u in body),
-                page_end=max(u.page for u in body),
-                text=text,
-                n_tokens=n_tokens,
-            )
-        )
+        bodies.append(prefix + units[start:end])
         if end >= len(units):
             break
         room = min(overlap, max_tokens - units[end].n_tokens)
         prefix = _overlap(units[start:end], room, counter)
         start = end
-    return chunks
+    return bodies
 
 
 def _paragraph_cut(units: list[_Unit], start: int, end: int, size: int, max_tokens: int) -> int:
