@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,16 +189,25 @@ def model_identity(model_ref: str) -> str:
     folder = Path(resolve_model(model_ref))
     if not folder.is_dir():
         return model_ref
-    digest = hashlib.sha256()
     weights = sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin"}
     )
-    for weight in weights:
-        digest.update(str(weight.relative_to(folder)).encode())
-        with weight.open("rb") as handle:
+    if not weights:
+        return str(folder)
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weights)
+    return _hash_files(stats)
+
+
+@lru_cache(maxsize=16)
+def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed by path, size and mtime, so a process hashes a given set of files once."""
+    digest = hashlib.sha256()
+    for name, _, _ in stats:
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as handle:
             for block in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()[:16] if weights else str(folder)
+    return digest.hexdigest()[:16]
 
 
 def portable_ref(model_ref: str) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_store import nist_rows
 
 from flows.publish import PUBLISH_LIMIT, PublishParams, publish
 from flows.search import SearchParams, format_hits, search
 from tasks import store
 from tasks.workspace import save_rows
+from tests.test_store import nist_rows
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import NIST_PDF
 
 from tasks import store
 from tasks.models import MINILM
 from tasks.workspace import fingerprint
+from tests.conftest import NIST_PDF
 
 
 def nist_rows(pages: range, doc_id: str, words: int = 60) -> list[dict]:

@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_store import nist_rows
-
 from tasks import store
 from tasks.models import MINILM
+from tests.test_store import nist_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

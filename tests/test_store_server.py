@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_store import nist_rows
 
 from tasks import store
 from tasks.models import MINILM
+from tests.test_store import nist_rows
 
 CHROMA = Path(sys.executable).with_name("chroma")
 

@@ -1,0 +1,247 @@
+"""Benchmark publishing to Chroma and querying it.
+
+1. Publish throughput (chunks/s) of `tasks.store.publish` against the floor it cannot beat:
+   plain `model.encode` + `collection.upsert` of the same chunks, in the same run, alternated
+   (ABAB) so that load from other processes hits both alike. Also: re-publishing the unchanged
+   corpus (embeds nothing) and a corpus with 10% new chunks (copies the rest).
+2. Query latency p50/p95 of the store part of search (resolve the alias, `collection.query`,
+   k=5) at several collection sizes, with synthetic normalised vectors; and of a whole
+   `store.search` (embedding the query with the bundled MiniLM) on the real chunks.
+
+Chunks are real: the demo PDF (NIST AI 600-1) read and chunked as the ingest flow does
+(128-token chunks), repeated with a marker when more are asked for than the PDF holds.
+CPU heavy: run it alone, once. Prints a markdown table and writes it, with the command that made
+it, to bench/RESULTS-publish.md.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/publish.py --chunks 600 --sizes 10000,100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from flows.artifacts import markdown_table  # noqa: E402
+from tasks import store  # noqa: E402
+from tasks.models import MINILM, cached_model  # noqa: E402
+
+NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
+RESULTS = ROOT / "bench" / "RESULTS-publish.md"
+
+
+def real_chunks(model, n: int) -> list[dict]:
+    from dataclasses import asdict
+
+    from tasks.chunking import chunk_id, chunk_pages
+    from tasks.documents import read_document
+
+    base = [
+        asdict(c)
+        for c in chunk_pages(read_document(NIST_PDF), model.tokenizer, max_tokens=128, overlap=16)
+    ]
+    rows = []
+    for copy in range(n // len(base) + 1):
+        for row in base:
+            text = row["text"] if copy == 0 else f"[copy {copy}] {row['text']}"
+            rows.append({**row, "id": chunk_id(text), "text": text})
+    return rows[:n]
+
+
+def plain_publish(path: Path, rows: list[dict], model) -> float:
+    """The floor: encode everything at once, upsert in max-size batches, nothing else."""
+    client = store.connect(path)
+    start = time.perf_counter()
+    vectors = model.encode(
+        [r["text"] for r in rows], normalize_embeddings=True, show_progress_bar=False
+    )
+    collection = client.create_collection(
+        "plain", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+    )
+    step = client.get_max_batch_size()
+    for i in range(0, len(rows), step):
+        part = rows[i : i + step]
+        collection.upsert(
+            ids=[r["id"] for r in part],
+            embeddings=vectors[i : i + step],
+            documents=[r["text"] for r in part],
+            metadatas=[{"source": r["source"], "page_start": r["page_start"]} for r in part],
+        )
+    return time.perf_counter() - start
+
+
+def ragtune_publish(path: Path, rows: list[dict], model) -> tuple[float, store.PublishResult]:
+    client = store.connect(path)
+    start = time.perf_counter()
+    result = store.publish(client, rows, model, MINILM, 384)
+    return time.perf_counter() - start, result
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ms = np.array(samples) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def query_latency(path: Path, size: int, queries: int, seed: int = 0) -> dict:
+    """Alias resolution + `collection.query` (k=5) on `size` random unit vectors of dim 384."""
+    rng = np.random.default_rng(seed)
+    client = store.connect(path)
+    collection = client.create_collection(
+        f"synthetic__d384__{size}",
+        embedding_function=None,
+        configuration={"hnsw": {"space": "cosine"}},
+        metadata={"model": MINILM, "dim": 384, "query_prompt": "", "chunk_count": size},
+    )
+    step = client.get_max_batch_size()
+    start = time.perf_counter()
+    for i in range(0, size, step):
+        n = min(step, size - i)
+        vectors = rng.standard_normal((n, 384)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        collection.upsert(
+            ids=[f"c{i + j}" for j in range(n)],
+            embeddings=vectors,
+            documents=[f"chunk {i + j}" for j in range(n)],
+            metadatas=[{"source": "synthetic", "page_start": 1, "page_end": 1}] * n,
+        )
+    load_s = time.perf_counter() - start
+    # The bench points an alias at the synthetic collection the way publish does.
+    store._write_alias(client, "bench", store._Alias(collection.name, []))
+    probes = rng.standard_normal((queries, 384)).astype(np.float32)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    store.resolve_alias(client, "bench").query(query_embeddings=probes[:1], n_results=5)
+    samples = []
+    for probe in probes:
+        t = time.perf_counter()
+        live = store.resolve_alias(client, "bench")
+        live.query(query_embeddings=probe[None, :], n_results=5, include=["documents", "metadatas"])
+        samples.append(time.perf_counter() - t)
+    p50, p95 = percentiles(samples)
+    return {
+        "what": f"alias + query, {size:,} vectors",
+        "p50 ms": p50,
+        "p95 ms": p95,
+        "note": f"upserted at {size / load_s:,.0f} vectors/s",
+    }
+
+
+def search_latency(path: Path, rows: list[dict], queries: int) -> dict:
+    client = store.connect(path)
+    texts = [" ".join(r["text"].split()[:12]) for r in rows[:queries]]
+    store.search(client, "docs", texts[0])
+    samples = []
+    for text in texts:
+        t = time.perf_counter()
+        store.search(client, "docs", text, k=5)
+        samples.append(time.perf_counter() - t)
+    p50, p95 = percentiles(samples)
+    return {
+        "what": f"store.search (embeds the query), {len(rows):,} real chunks",
+        "p50 ms": p50,
+        "p95 ms": p95,
+        "note": "MiniLM query embedding included",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=2, help="ABAB rounds for throughput")
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+
+    import torch
+
+    model = cached_model(MINILM)
+    rows = real_chunks(model, args.chunks)
+    tokens = statistics.mean(r["n_tokens"] for r in rows)
+    work = Path(tempfile.mkdtemp(prefix="ragtune-bench-publish-"))
+    print(f"{len(rows)} chunks (~{tokens:.0f} tokens each), work dir {work}")
+
+    model.encode([r["text"] for r in rows[:64]], show_progress_bar=False)
+    plain_s, ours_s = [], []
+    for round_ in range(args.repeats):
+        plain_s.append(plain_publish(work / f"plain{round_}", rows, model))
+        seconds, result = ragtune_publish(work / f"ours{round_}", rows, model)
+        assert result.embedded == len(rows), result
+        ours_s.append(seconds)
+        print(f"round {round_}: plain {plain_s[-1]:.1f} s, ragtune {ours_s[-1]:.1f} s")
+    plain_rate = len(rows) / statistics.median(plain_s)
+    ours_rate = len(rows) / statistics.median(ours_s)
+
+    last = work / f"ours{args.repeats - 1}"
+    again_s, again = ragtune_publish(last, rows, model)
+    changed = (
+        rows[: int(len(rows) * 0.9)] + real_chunks(model, len(rows) + len(rows) // 10)[len(rows) :]
+    )
+    changed_s, changed_result = ragtune_publish(last, changed, model)
+
+    throughput = [
+        {
+            "what": "plain encode + upsert (floor)",
+            "chunks": len(rows),
+            "seconds": statistics.median(plain_s),
+            "chunks/s": plain_rate,
+            "note": "",
+        },
+        {
+            "what": "tasks.store.publish, new corpus",
+            "chunks": len(rows),
+            "seconds": statistics.median(ours_s),
+            "chunks/s": ours_rate,
+            "note": f"ratio to floor {ours_rate / plain_rate:.2f}",
+        },
+        {
+            "what": "re-publish, unchanged corpus",
+            "chunks": len(rows),
+            "seconds": again_s,
+            "chunks/s": len(rows) / again_s,
+            "note": f"embedded {again.embedded}",
+        },
+        {
+            "what": "publish, 10% new chunks",
+            "chunks": len(changed),
+            "seconds": changed_s,
+            "chunks/s": len(changed) / changed_s,
+            "note": f"embedded {changed_result.embedded}, copied {changed_result.copied}",
+        },
+    ]
+    latency = [search_latency(last, changed, min(args.queries, 100))]
+    for size in (int(s) for s in args.sizes.split(",") if s):
+        latency.append(query_latency(work / f"synthetic{size}", size, args.queries))
+        print(latency[-1])
+
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python bench/publish.py " + shlex.join(sys.argv[1:])
+    text = (
+        "# Publish and search benchmark\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work), "
+        f"torch threads {torch.get_num_threads()}; model {MINILM}, dim 384; "
+        f"{len(rows)} real NIST AI 600-1 chunks of ~{tokens:.0f} tokens; "
+        f"median of {args.repeats} alternated rounds.\n\n"
+        "## Publish throughput\n\n"
+        + markdown_table(throughput)
+        + "\n## Query latency (k=5, embedded PersistentClient)\n\n"
+        + markdown_table(latency)
+    )
+    print(text)
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
