@@ -67,11 +67,19 @@ class _Unit:
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9•])")
 
 
+_LIST_ITEM = re.compile(r"^\s*(?:[-*+•◦▪–]|\d{1,3}[.)])\s")
+
+
 def _sentences(paragraph: str) -> list[str]:
-    pieces: list[str] = []
+    """A paragraph's sentences. Hard-wrapped lines (Markdown, text) are one run of prose; a
+    line that starts a list item starts a new sentence."""
+    blocks: list[str] = []
     for line in paragraph.split("\n"):
-        pieces.extend(s.strip() for s in _SENTENCE_END.split(line))
-    return [p for p in pieces if p]
+        if blocks and not _LIST_ITEM.match(line):
+            blocks[-1] += " " + line.strip()
+        else:
+            blocks.append(line.strip())
+    return [s.strip() for block in blocks for s in _SENTENCE_END.split(block) if s.strip()]
 
 
 def chunk_pages(

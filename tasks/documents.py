@@ -356,20 +356,27 @@ def clean_markdown(text: str) -> str:
     for line in text.split("\n"):
         stripped = line.strip()
         if re.fullmatch(r"(```|~~~).*", stripped):
+            out.append("")  # a code block is a paragraph of its own
             continue
         if re.fullmatch(r"(?:[-*_]\s*){3,}|=+|-+", stripped):
-            continue  # horizontal rule or a setext heading underline
+            out.append("")  # horizontal rule, or the underline that ends a setext heading
+            continue
         if re.fullmatch(r"\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?", stripped):
             continue  # table separator row
         if re.match(r"^\[[^\]]+\]:\s*\S+", stripped):
             continue  # reference link definition
-        line = re.sub(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", r"\1", line)
+        heading = re.match(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:  # a heading is a paragraph of its own: chunks prefer to start there
+            line = heading.group(1)
+            out.append("")
         line = re.sub(r"^\s*(?:>\s?)+", "", line)
         if stripped.startswith("|") and stripped.endswith("|"):
             line = " | ".join(cell.strip() for cell in stripped.strip("|").split("|"))
         for pattern, replacement in _MD_INLINE[1:]:
             line = pattern.sub(replacement, line)
         out.append(line.rstrip())
+        if heading:
+            out.append("")
     return clean_text("\n".join(out))
 
 

@@ -175,3 +175,14 @@ def test_bad_settings_are_rejected(tokenizer, max_tokens, overlap):
     page = Page("d", "d", 1, "Some text.")
     with pytest.raises(ValueError, match=r"max_tokens|overlap"):
         chunk_pages([page], tokenizer, max_tokens=max_tokens, overlap=overlap)
+
+
+def test_hard_wrapped_lines_never_split_a_sentence(tokenizer):
+    """Markdown and text files wrap prose at a fixed width: a line break is not a boundary."""
+    sentences = [f"Sentence {i} talks about\nthe topic number {i} today." for i in range(12)]
+    page = Page("a.md", "a.md", 1, "# Notes\n\n" + " ".join(sentences))
+    chunks = chunk_pages([page], tokenizer, max_tokens=30, overlap=0)
+    assert chunks[0].text.startswith("# Notes")
+    for chunk in chunks[1:]:
+        assert chunk.text.startswith("Sentence") and chunk.text.endswith("today."), chunk.text
+    assert "talks about the topic" in chunks[1].text
