@@ -48,7 +48,8 @@ def chunk_id(text: str) -> str:
 
 def max_chunk_tokens(model: Any) -> int:
     """The most text tokens a model embeds without truncating: its window minus special tokens."""
-    return int(model.max_seq_length) - model.tokenizer.num_special_tokens_to_add(pair=False)
+    window = model.max_seq_length or model.tokenizer.model_max_length
+    return int(window) - model.tokenizer.num_special_tokens_to_add(pair=False)
 
 
 @dataclass(frozen=True)

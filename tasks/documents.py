@@ -168,8 +168,9 @@ def _pdf_pages(path: Path, name: str) -> list[str]:
 # Cleaning PDF text
 
 _INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u2060\ufeff"), None)
+_ROMAN = r"(?=[ivxlc])c{0,3}(?:x[cl]|l?x{0,3})(?:i[xv]|v?i{0,3})"  # i to cccxcix: front matter
 _PAGE_NUMBER = re.compile(
-    r"^(?:page\s*)?(?:\d{1,4}|[ivxlcdm]{1,6})(?:\s*(?:of|/)\s*\d{1,4})?$", re.IGNORECASE
+    rf"^(?:page\s*)?(?:\d{{1,4}}|{_ROMAN})(?:\s*(?:of|/)\s*\d{{1,4}})?$", re.IGNORECASE
 )
 _BULLET = re.compile(r"^(?:[•◦▪‣∙·●○■□➢►–—*-]|\(?\d{1,2}[.)]|\(?[a-z][.)])\s")
 _LINE_END_HYPHEN = re.compile(r"(\w)-$")

@@ -134,6 +134,15 @@ def test_running_headers_footers_and_page_numbers_are_dropped():
         assert f"More text on page {i} here." in text
 
 
+@pytest.mark.parametrize(
+    ("last_line", "dropped"),
+    [("12", True), ("Page 3 of 64", True), ("3 / 10", True), ("iv", True), ("civil", False)],
+)
+def test_bare_page_numbers_are_dropped_even_on_a_single_page(last_line, dropped):
+    [text] = clean_pdf_pages([f"A body sentence that is long enough to be a line.\n{last_line}"])
+    assert (last_line not in text) is dropped
+
+
 def test_a_line_repeated_on_few_pages_is_kept():
     raw = [f"Results\nBody text of page {i} goes here, long enough." for i in range(6)]
     raw[0] = "Summary\n" + raw[0]
