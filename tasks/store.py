@@ -471,7 +471,7 @@ def publish(
             ),
         )
         present = _existing_ids(collection, max_batch)
-        # Longest texts together: batches pad less, so embedding runs as fast as one big encode.
+        # Texts of similar length share a batch: less padding, as fast as one big encode.
         todo = sorted(
             (r for r in rows if str(r["id"]) not in present), key=lambda r: len(r["text"])
         )
@@ -544,7 +544,8 @@ def _open_or_create(client: ClientAPI, name: str, metadata: dict[str, Any]) -> C
 
 def _prune(client: ClientAPI, alias: str, keep_versions: int) -> None:
     """Drop versions beyond `keep_versions`; the registry is updated first, so a crash here leaves
-    an orphan collection, never an alias pointing at nothing."""
+    an orphan collection, never an alias pointing at nothing. The previous version is always kept:
+    a reader that resolved the alias just before a swap may still be querying it."""
     aliases = _all_aliases(client)
     record = aliases[alias]
     keep = max(int(keep_versions), 2) - 1

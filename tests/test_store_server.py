@@ -83,7 +83,8 @@ def test_publish_search_and_rollback_through_a_chroma_server(server, minilm):
     assert store.search(client, "docs", target["text"], k=1)[0].id == target["id"]
     assert store.rollback(client, "docs") == first.collection
     # A fresh client (another process, another machine) sees the same alias: it lives in Chroma.
-    other = store.connect(host="127.0.0.1", port=server)
+    # (With a bearer token too: the client sends it; this open server ignores it.)
+    other = store.connect(host="127.0.0.1", port=server, token="s3cret")
     assert store.resolve_alias(other, "docs").name == first.collection
     assert store.search(other, "docs", first_rows[3]["text"], k=1)[0].id == first_rows[3]["id"]
 
