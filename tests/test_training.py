@@ -1,0 +1,337 @@
+"""Fine-tuning: every recipe trains, saves a model card naming its loss and keeps its prompts;
+a diverging run stops with a clear error; an interrupted run resumes from its checkpoint; the
+finetune flow trains from the workspace's questions and from a user's file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from sentence_transformers import SentenceTransformer
+
+from flows.finetune import FinetuneParams, finetune
+from tasks.models import MINILM
+from tasks.training import (
+    RECIPES,
+    TrainingDiverged,
+    matryoshka_dims,
+    mine_negatives,
+    train,
+)
+from tasks.training_data import load_pairs
+from tasks.workspace import save_rows
+
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Canada", "Ottawa"),
+    ("Egypt", "Cairo"),
+    ("Norway", "Oslo"),
+    ("Chile", "Santiago"),
+    ("India", "New Delhi"),
+    ("Spain", "Madrid"),
+    ("Ghana", "Accra"),
+    ("Cuba", "Havana"),
+    ("Iran", "Tehran"),
+    ("Italy", "Rome"),
+    ("Nepal", "Kathmandu"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Mexico", "Mexico City"),
+    ("Turkey", "Ankara"),
+    ("Sweden", "Stockholm"),
+    ("Austria", "Vienna"),
+    ("Brazil", "Brasilia"),
+    ("Vietnam", "Hanoi"),
+    ("Portugal", "Lisbon"),
+]
+
+#: Fast settings: a few steps of tiny batches of short texts.
+FAST = {"batch_size": 8, "max_steps": 2, "max_seq_length": 64, "warmup": 0}
+
+#: What each recipe's model card must name as its loss.
+CARD_LOSS = {
+    "matryoshka-mnrl": ["loss:MatryoshkaLoss", "loss:MultipleNegativesRankingLoss"],
+    "mnrl-prefixed": ["loss:MultipleNegativesRankingLoss"],
+    "mnrl": ["loss:MultipleNegativesRankingLoss"],
+    "mnrl-bge-instruction": ["loss:MultipleNegativesRankingLoss"],
+    "triplet": ["loss:TripletLoss", '"triplet_margin": 5'],
+    "cached-mnrl": ["loss:CachedMultipleNegativesRankingLoss"],
+    "gist": ["loss:GISTEmbedLoss"],
+}
+
+
+def capital_rows() -> list[dict[str, str]]:
+    return [
+        {
+            "anchor": f"What is the capital of {country}?",
+            "positive": f"{city} is the capital city of {country}, seat of its government.",
+        }
+        for country, city in CAPITALS
+    ]
+
+
+@pytest.fixture
+def pairs() -> Dataset:
+    return Dataset.from_list(capital_rows())
+
+
+def eval_data() -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
+    rows = capital_rows()
+    corpus = {f"d{i}": row["positive"] for i, row in enumerate(rows)}
+    queries = {f"q{i}": rows[i]["anchor"] for i in range(6)}
+    relevant = {f"q{i}": {f"d{i}"} for i in range(6)}
+    return corpus, queries, relevant
+
+
+def test_matryoshka_dims_run_from_the_model_width_down_to_64():
+    assert matryoshka_dims(384) == [384, 256, 128, 64]
+    assert matryoshka_dims(768) == [768, 512, 256, 128, 64]
+    assert matryoshka_dims(1024) == [1024, 768, 512, 256, 128, 64]
+
+
+def test_recipes_reproduce_their_seed_cards():
+    assert RECIPES["matryoshka-mnrl"].matryoshka and RECIPES["matryoshka-mnrl"].seed_card == "003"
+    assert RECIPES["mnrl-prefixed"].query_prompt == "query: "
+    assert RECIPES["mnrl-prefixed"].document_prompt == "passage: "
+    assert RECIPES["mnrl"].scale == 20.0
+    bge = RECIPES["mnrl-bge-instruction"]
+    assert bge.query_prompt.startswith("Represent this sentence") and bge.document_prompt is None
+    assert RECIPES["triplet"].margin == 5 and RECIPES["triplet"].needs_negatives
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_trains_and_saves_a_model_that_reloads_with_its_card_and_prompts(
+    recipe, pairs, tmp_path
+):
+    corpus, queries, relevant = eval_data() if recipe == "matryoshka-mnrl" else (None,) * 3
+    steps = []
+    result = train(
+        MINILM,
+        pairs,
+        tmp_path / recipe,
+        recipe,
+        eval_corpus=corpus,
+        eval_queries=queries,
+        eval_relevant=relevant,
+        progress=lambda done, total: steps.append((done, total)),
+        **FAST,
+    )
+
+    assert result.steps == 2 and steps == [(1, 2), (2, 2)]
+    assert [e["loss"] for e in result.log_history if "loss" in e]
+    model_dir = Path(result.model_path)
+    assert not (model_dir / "checkpoints").exists(), "checkpoints are deleted after saving"
+    card = (model_dir / "README.md").read_text()
+    for name in CARD_LOSS[recipe]:
+        assert name in card
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+
+    reloaded = SentenceTransformer(str(model_dir))
+    spec = RECIPES[recipe]
+    assert reloaded.prompts == {
+        "query": spec.query_prompt or "",
+        "document": spec.document_prompt or "",
+    }
+    assert reloaded.max_seq_length == 256, "the training cap is not the inference length"
+    assert reloaded.encode(["What is the capital of Peru?"]).shape == (1, 384)
+
+    record = json.loads((model_dir / "ragtune.json").read_text())
+    assert record["recipe"] == recipe and record["steps"] == 2
+    assert record["max_seq_length"] == 64
+    if recipe == "matryoshka-mnrl":
+        assert result.dims == [384, 256, 128, 64]
+        assert 0.0 <= result.metrics["dim_64_cosine_ndcg@10"] <= 1.0
+        assert "dim_384_cosine_ndcg@10" in record["metrics"]
+        assert "* Dataset: `dim_384`" in card and "* Dataset: `dim_64`" in card
+    else:
+        assert result.dims == [384]
+    if recipe == "triplet":
+        assert record["hard_negatives_mined"] is True
+
+
+def test_mined_negatives_are_other_passages(minilm, pairs):
+    triplets = mine_negatives(pairs, minilm)
+    assert triplets.column_names == ["anchor", "positive", "negative"]
+    assert len(triplets) >= len(pairs) // 2
+    passages = set(pairs["positive"])
+    for row in triplets:
+        assert row["negative"] in passages and row["negative"] != row["positive"]
+
+
+def test_training_data_without_a_positive_column_is_refused(tmp_path):
+    data = Dataset.from_list([{"anchor": "a question", "answer_text": "a passage"}])
+    with pytest.raises(ValueError, match=r"missing column.*'positive'"):
+        train(MINILM, data, tmp_path / "m", "mnrl", **FAST)
+
+
+def test_a_huge_learning_rate_stops_with_training_diverged(pairs, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"step \d+.*[Ll]ower the learning rate"):
+        train(MINILM, pairs, tmp_path / "m", "mnrl", **(FAST | {"max_steps": 4}), learning_rate=1e6)
+    assert not (tmp_path / "m" / "ragtune.json").exists(), "a diverged run records no model"
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of training."""
+
+
+def crash_at_step_2(seen: list[int]):
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            raise Interrupted
+
+    return progress
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_only_with_the_same_settings(
+    pairs, tmp_path
+):
+    settings = FAST | {"max_steps": 3, "save_steps": 1}
+    first: list[int] = []
+    with pytest.raises(Interrupted):
+        train(MINILM, pairs, tmp_path / "m", "mnrl", progress=crash_at_step_2(first), **settings)
+    assert first == [1, 2]
+    assert (tmp_path / "m" / "checkpoints" / "checkpoint-1").is_dir()
+
+    # Another learning rate is another run: its checkpoint must not be continued.
+    other: list[int] = []
+    with pytest.raises(Interrupted):
+        train(
+            MINILM,
+            pairs,
+            tmp_path / "m",
+            "mnrl",
+            learning_rate=1e-5,
+            progress=crash_at_step_2(other),
+            **settings,
+        )
+    assert other == [1, 2]
+
+    resumed: list[int] = []
+    result = train(
+        MINILM,
+        pairs,
+        tmp_path / "m",
+        "mnrl",
+        learning_rate=1e-5,
+        progress=lambda done, total: resumed.append(done),
+        **settings,
+    )
+    assert resumed == [2, 3], "step 1 comes from the checkpoint, not from training again"
+    assert result.steps == 3
+    assert [e["step"] for e in result.log_history if "loss" in e] == [1, 2, 3]
+    record = json.loads((tmp_path / "m" / "ragtune.json").read_text())
+    assert record["resumed_from"] == "checkpoint-1"
+    assert not (tmp_path / "m" / "checkpoints").exists()
+
+
+def test_trains_from_a_user_csv_of_query_passage_pairs(tmp_path):
+    csv_file = tmp_path / "pairs.csv"
+    lines = ["query,passage"] + [f'"{r["anchor"]}","{r["positive"]}"' for r in capital_rows()]
+    csv_file.write_text("\n".join(lines) + "\n")
+    result = train(MINILM, load_pairs(csv_file), tmp_path / "m", "mnrl-prefixed", **FAST)
+    assert result.train_pairs == len(CAPITALS)
+    assert SentenceTransformer(result.model_path).prompts["query"] == "query: "
+
+
+def save_capitals_workspace(workspace) -> None:
+    """Chunks and questions as ingest and questions write them: every fourth question is
+    held out (test split) and one is rejected."""
+    rows = capital_rows()
+    save_rows(
+        workspace.chunks_dir,
+        [
+            {
+                "id": f"c{i}",
+                "doc_id": "capitals",
+                "source": "capitals.md",
+                "page_start": 1,
+                "page_end": 1,
+                "text": row["positive"],
+                "n_tokens": 16,
+            }
+            for i, row in enumerate(rows)
+        ],
+    )
+    questions = [
+        {
+            "question": row["anchor"],
+            "chunk_id": f"c{i}",
+            "generator": "hand",
+            "split": "test" if i % 4 == 0 else "train",
+            "kept": True,
+            "reject_reason": "",
+        }
+        for i, row in enumerate(rows)
+    ]
+    questions.append({**questions[1], "question": "Capital?", "kept": False})
+    save_rows(workspace.questions_dir, questions)
+
+
+def flow_artifacts(flow_run_id) -> dict:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.key: artifact for artifact in found if artifact.key}
+
+
+def test_finetune_flow_trains_on_the_train_split_and_evaluates_on_the_test_split(
+    prefect_api, workspace
+):
+    save_capitals_workspace(workspace)
+    state = finetune(
+        FinetuneParams(workspace=str(workspace.root), batch_size=8, max_steps=2, max_seq_length=64),
+        return_state=True,
+    )
+    result = state.result()
+
+    assert result.train_pairs == 18, "6 of 24 questions are held out; the rejected one is not used"
+    assert result.dims == [384, 256, 128, 64] and result.steps == 2
+    model_dir = Path(result.model_path)
+    assert model_dir.parent == workspace.models_dir
+    assert model_dir.name.startswith("all-minilm-l6-v2-tuned-")
+    record = json.loads((model_dir / "ragtune.json").read_text())
+    assert record["data_fingerprint"] and record["recipe"] == "matryoshka-mnrl"
+    assert 0.0 <= record["metrics"]["dim_64_cosine_ndcg@10"] <= 1.0
+
+    artifacts = flow_artifacts(state.state_details.flow_run_id)
+    curve = artifacts["finetune-curve"].data
+    assert "| step | loss |" in curve and str(model_dir / "README.md") in curve
+    assert "dim_384_cosine_ndcg@10" in curve
+    assert artifacts["finetune-progress"].data == 100.0
+
+
+def test_finetune_flow_trains_on_a_user_jsonl_of_triplets(prefect_api, workspace, tmp_path):
+    rows = capital_rows()
+    triplets = tmp_path / "triplets.jsonl"
+    triplets.write_text(
+        "\n".join(
+            json.dumps({"query": row["anchor"], "pos": row["positive"], "neg": other["positive"]})
+            for row, other in zip(rows, rows[1:] + rows[:1], strict=True)
+        )
+    )
+    result = finetune(
+        FinetuneParams(
+            workspace=str(workspace.root),
+            recipe="triplet",
+            train_file=str(triplets),
+            output_name="from-triplets",
+            batch_size=8,
+            max_steps=2,
+            max_seq_length=64,
+        )
+    )
+
+    assert result.model_path == str(workspace.model_dir("from-triplets"))
+    assert result.train_pairs == len(rows)
+    record = json.loads((workspace.model_dir("from-triplets") / "ragtune.json").read_text())
+    assert record["hard_negatives_mined"] is False, "the file's own negatives are used"
+    assert "loss:TripletLoss" in (workspace.model_dir("from-triplets") / "README.md").read_text()
