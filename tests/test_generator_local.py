@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import NIST_PDF
 from pypdf import PdfReader
 
 from tasks.generators import make_generator
 from tasks.generators.local import LocalGenerator
+from tests.conftest import NIST_PDF
 
 QUESTION_START = re.compile(
     r"^(what|which|who|whom|whose|when|where|why|how|is|are|was|were|do|does|did|can|could|"
@@ -64,7 +64,7 @@ def test_questions_are_question_shaped_and_about_the_passage(generated, chunks):
     for result in results[: len(chunks)]:
         assert result.error is None
         assert len(result.questions) == 2
-        assert result.prompt_tokens > 2 * 100 and 2 <= result.completion_tokens <= 2 * 40
+        assert result.prompt_tokens > 100 and 2 <= result.completion_tokens <= 2 * 40
     for question, chunk in zip(questions, [c for c in chunks for _ in range(2)], strict=True):
         assert question.endswith("?"), question
         assert "\n" not in question and not question.startswith(("Question", "1."))
@@ -89,9 +89,22 @@ def test_same_seed_same_questions_whatever_the_batch(generated, chunks):
     assert second.questions == results[1].questions
 
 
+def test_n_questions_share_one_prefill_without_changing_the_samples(generated, chunks):
+    """With n=2 the prompt is prefilled once and its cache copied; sample 0 is seeded like the
+    only sample of n=1, so it must come out the same as when the prompt is prefilled alone."""
+    results, _ = generated
+    single = make_generator("local", n=1, show_progress=False).generate(chunks[:2])
+    assert [r.questions for r in single] == [r.questions[:1] for r in results[:2]]
+    assert [r.prompt_tokens for r in single] == [r.prompt_tokens for r in results[:2]]
+
+
 def test_fingerprint_changes_with_what_changes_the_output():
     base = LocalGenerator()
     assert base.fingerprint() == LocalGenerator(batch_size=2, threads=1).fingerprint()
+    assert (
+        LocalGenerator(dtype="float32").fingerprint()
+        != LocalGenerator(dtype="bfloat16").fingerprint()
+    )
     for change in (
         {"n": 2},
         {"seed": 1},
@@ -108,7 +121,7 @@ def test_prompt_rotates_examples_between_passages(chunks):
     prompts = [gen.prompt(c) for c in chunks]
     examples = [p.split(f"Passage: {c[:40]}")[0] for p, c in zip(prompts, chunks, strict=True)]
     assert len(set(examples)) > 1
-    assert all(p.endswith("\nQuestion:") and p.count("Passage:") == 4 for p in prompts)
+    assert all(p.endswith("\nQuestion:") and p.count("Passage:") == 3 for p in prompts)
 
 
 def test_bad_settings_name_the_setting():

@@ -82,23 +82,42 @@ def dequantised_model_dir(root: Path | None = None) -> Path:
     return target
 
 
-_LOADED: dict[str, Any] = {}
+_LOADED: dict[tuple[str, str], Any] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load_gemma(root: Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer), loaded once per process and cache folder."""
+def resolve_dtype(dtype: str) -> str:
+    """ "auto" is bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about twice
+    as fast as float32 here, and Gemma was trained in bfloat16), else float32."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    native = [
+        getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return "bfloat16" if any(check is not None and check() for check in native) else "float32"
+
+
+def load_gemma(root: Path | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer), loaded once per process, cache folder and dtype."""
     path = dequantised_model_dir(root)
+    key = (str(path), dtype)
     with _LOAD_LOCK:
-        if str(path) not in _LOADED:
+        if key not in _LOADED:
+            import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             tokenizer.padding_side = "left"
-            model = AutoModelForCausalLM.from_pretrained(str(path))
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
             model.eval()
-            _LOADED[str(path)] = (model, tokenizer)
-        return _LOADED[str(path)]
+            _LOADED[key] = (model, tokenizer)
+        return _LOADED[key]
 
 
 def unload_gemma() -> None:
@@ -107,16 +126,21 @@ def unload_gemma() -> None:
         _LOADED.clear()
 
 
-def default_threads() -> int:
-    """All cores this process may use, capped: a 270M model stops scaling past a few."""
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+def idle_cores() -> int:
+    """Cores this process may use minus the 1-minute load average, at least 1, at most 8.
+
+    On a busy machine extra torch threads wait on each other: with 2 cores and a load of 8,
+    two threads ran a decoding step 8x slower than one (bench/RESULTS-generation.md).
+    """
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(8, cores - round(os.getloadavg()[0])))
 
 
 @dataclass
 class LocalGenerator:
     """Questions from the bundled Gemma 3 270M, offline, few-shot prompted and batched."""
 
-    #: questions per passage, one sampled sequence each
+    #: questions per passage: n sequences sampled from one shared prompt prefill
     n: int = 1
     #: sequences per forward pass (left-padded)
     batch_size: int = 8
@@ -127,14 +151,16 @@ class LocalGenerator:
     seed: int = 0
     #: (passage, question) examples; a seeded sample of `few_shot_k` is shown per passage
     few_shot: Sequence[FewShot] = DEFAULT_FEW_SHOT
-    few_shot_k: int = 3
+    few_shot_k: int = 2
     #: real user queries whose style the questions should follow (Promptagator)
     example_queries: Sequence[str] = ()
     #: a str.format template with {examples} and {passage}
     template: str = DEFAULT_FEW_SHOT_TEMPLATE
     #: passages (and examples) are cut to this many characters in the prompt, for speed
     max_passage_chars: int = 1200
-    #: torch threads; None uses every core this process may use (up to 8)
+    #: "auto" (bfloat16 where the CPU has native support, else float32), "float32", "bfloat16"
+    dtype: str = "auto"
+    #: torch threads while generating; None: one per idle core (see `idle_cores`)
     threads: int | None = None
     cache_dir: str | None = None
     show_progress: bool = True
@@ -149,6 +175,9 @@ class LocalGenerator:
             raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1 or None, got {self.threads!r}")
+        self.dtype = resolve_dtype(self.dtype)
         self.few_shot = [(str(p), str(q)) for p, q in self.few_shot]
         self.example_queries = [str(q) for q in self.example_queries]
 
@@ -159,6 +188,7 @@ class LocalGenerator:
             "local",
             MODEL_NAME,
             EXPECTED_SHA256,
+            self.dtype,
             self.template,
             self.n,
             self.max_new_tokens,
@@ -192,21 +222,20 @@ class LocalGenerator:
         todo = [i for i, p in enumerate(passages) if p.strip()]
         for i in set(range(len(passages))) - set(todo):
             results[i].error = "empty passage"
+        done = len(passages) - len(todo)
         if not todo:
             if progress:
-                progress(len(passages), len(passages))
+                progress(done, len(passages))
             return results
 
-        model, tokenizer = load_gemma(Path(self.cache_dir) if self.cache_dir else None)
-        torch.set_num_threads(self.threads or default_threads())
+        model, tokenizer = load_gemma(Path(self.cache_dir) if self.cache_dir else None, self.dtype)
         prompts = {i: self.prompt(passages[i]) for i in todo}
-        lengths = {i: len(tokenizer(prompts[i]).input_ids) for i in todo}
-        # Rows are (passage, sample); sorted by prompt length so batches pad little. A passage's
-        # rows stay adjacent, so a passage is done when its last row is.
-        rows = sorted(((i, j) for i in todo for j in range(self.n)), key=lambda r: lengths[r[0]])
-        remaining = {i: self.n for i in todo}
-        done = len(passages) - len(todo)
+        # Sorted by prompt length so that batches pad little.
+        todo.sort(key=lambda i: len(tokenizer(prompts[i]).input_ids))
+        per_batch = max(1, self.batch_size // self.n)
         sampler = _Sampler.for_tokenizer(tokenizer, self.temperature, self.top_p)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or idle_cores())
         bar = tqdm(
             total=len(passages),
             initial=done,
@@ -214,51 +243,67 @@ class LocalGenerator:
             unit="passage",
             disable=not self.show_progress,
         )
-        with torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
-                try:
-                    texts, prompt_lens, new_lens = self._generate_batch(
-                        model,
-                        tokenizer,
-                        sampler,
-                        [prompts[i] for i, _ in batch],
-                        [passage_seed(passages[i], self.seed, j) for i, j in batch],
-                    )
-                except (RuntimeError, ValueError) as exc:
-                    log.warning("Local generation failed for a batch: %s", exc)
-                    texts, prompt_lens, new_lens = (
-                        [None] * len(batch),
-                        [0] * len(batch),
-                        [0] * len(batch),
-                    )
-                    for i, _ in batch:
-                        results[i].error = f"local generation failed: {exc}"
-                for (i, _), text, p_len, c_len in zip(
-                    batch, texts, prompt_lens, new_lens, strict=True
-                ):
-                    if text is not None:
-                        results[i].questions.extend(split_questions(text, limit=1))
-                    results[i].prompt_tokens += p_len
-                    results[i].completion_tokens += c_len
-                    remaining[i] -= 1
-                    if remaining[i] == 0:
-                        done += 1
-                        bar.update(1)
-                        if progress:
-                            progress(done, len(passages))
-        bar.close()
-        for result in results:
-            if result.error:
-                result.questions = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(todo), per_batch):
+                    batch = todo[start : start + per_batch]
+                    seeds = [
+                        passage_seed(passages[i], self.seed, j)
+                        for i in batch
+                        for j in range(self.n)
+                    ]
+                    try:
+                        answers = self._generate_batch(
+                            model, tokenizer, sampler, [prompts[i] for i in batch], seeds
+                        )
+                    except (RuntimeError, ValueError) as exc:
+                        log.warning("Local generation failed for a batch: %s", exc)
+                        answers = [Generation([], error=f"local generation failed: {exc}")] * len(
+                            batch
+                        )
+                    for i, answer in zip(batch, answers, strict=True):
+                        results[i] = Generation(
+                            list(answer.questions),
+                            answer.error,
+                            answer.prompt_tokens,
+                            answer.completion_tokens,
+                        )
+                    done += len(batch)
+                    bar.update(len(batch))
+                    if progress:
+                        progress(done, len(passages))
+        finally:
+            bar.close()
+            torch.set_num_threads(previous_threads)
         return results
 
     def _generate_batch(
         self, model: Any, tokenizer: Any, sampler: _Sampler, prompts: list[str], seeds: list[int]
-    ) -> tuple[list[str], list[int], list[int]]:
-        from transformers import GenerationConfig, LogitsProcessorList
+    ) -> list[Generation]:
+        """n sampled questions for each prompt.
+
+        The prompts are prefilled once and their key/value cache repeated n times, so n
+        questions cost one prompt's worth of prefill, not n (the output is the same as
+        prefilling every copy).
+        """
+        from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        ids, mask = enc.input_ids, enc.attention_mask
+        cache = None
+        if self.n > 1:
+            cache = DynamicCache(config=model.config)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache.batch_repeat_interleave(self.n)
+            ids, mask = ids.repeat_interleave(self.n, 0), mask.repeat_interleave(self.n, 0)
         config = GenerationConfig(
             do_sample=False,
             max_new_tokens=self.max_new_tokens,
@@ -266,22 +311,26 @@ class LocalGenerator:
             pad_token_id=tokenizer.pad_token_id,
         )
         out = model.generate(
-            **enc,
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
             generation_config=config,
             logits_processor=LogitsProcessorList([sampler.seeded(seeds)]),
         )
-        new = out[:, enc.input_ids.shape[1] :]
-        texts, new_lens = [], []
-        for row in new.tolist():
+        prompt_lens = enc.attention_mask.sum(dim=1).tolist()
+        answers = [Generation([], prompt_tokens=int(n_tokens)) for n_tokens in prompt_lens]
+        for row, tokens in enumerate(out[:, ids.shape[1] :].tolist()):
             kept = []
-            for token in row:
+            for token in tokens:
                 if token in sampler.stop_ids or token == tokenizer.pad_token_id:
                     break
                 kept.append(token)
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-            new_lens.append(len(kept))
-        prompt_lens = enc.attention_mask.sum(dim=1).tolist()
-        return texts, prompt_lens, new_lens
+            answer = answers[row // self.n]
+            answer.questions += split_questions(
+                tokenizer.decode(kept, skip_special_tokens=True), limit=1
+            )
+            answer.completion_tokens += len(kept)
+        return answers
 
 
 _NEWLINE_MASKS: dict[int, Any] = {}
@@ -294,7 +343,8 @@ class _Sampler:
     `generate` samples a whole batch from one random stream, so a passage's sample would depend
     on its batch mates. Here each row draws from its own seeded generator and the chosen token
     gets the only finite score, so `generate` runs greedy and just follows it. A token that
-    starts a new line ends the question (it is mapped to the end-of-sequence token).
+    starts a new line ends the question (it is mapped to the end-of-sequence token); the first
+    token may not end it, or a sample would be an empty question.
     """
 
     def __init__(
@@ -323,13 +373,27 @@ class _Sampler:
             stop_ids.add(end_of_turn)
         return cls(temperature, top_p, newline, tokenizer.eos_token_id, sorted(stop_ids))
 
+    def ends(self, vocab_size: int) -> Any:
+        """Tokens that end a question, as a mask over the model's vocabulary."""
+        import torch
+
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        size = min(vocab_size, len(self.newline))
+        mask[:size] = self.newline[:size]
+        mask[[t for t in self.stop_ids if t < vocab_size]] = True
+        return mask
+
     def seeded(self, seeds: list[int]) -> Any:
         import torch
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
+        state: dict[str, Any] = {}
 
         def process(input_ids: Any, scores: Any) -> Any:
             logits = scores.float() / self.temperature
+            if "ends" not in state:
+                state["ends"] = self.ends(scores.shape[-1])
+                logits[:, state["ends"]] = float("-inf")
             probs = torch.softmax(logits, dim=-1)
             # top-k before top-p: sorting a 262k vocabulary every step costs more than the
             # decoding step itself, and the nucleus lives well inside the top candidates.
@@ -341,10 +405,7 @@ class _Sampler:
             for row, gen in enumerate(generators):
                 pick = torch.multinomial(sorted_probs[row], 1, generator=gen)
                 chosen[row] = order[row, pick]
-            newline = self.newline[chosen.clamp(max=len(self.newline) - 1)] & (
-                chosen < len(self.newline)
-            )
-            chosen = torch.where(newline, torch.full_like(chosen, self.eos), chosen)
+            chosen = torch.where(state["ends"][chosen], torch.full_like(chosen, self.eos), chosen)
             forced = torch.full_like(scores, float("-inf"))
             forced[torch.arange(len(chosen)), chosen] = 0.0
             return forced
