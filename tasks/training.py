@@ -10,6 +10,7 @@ diverged loss, resumable checkpoints that belong to one run, prompts that surviv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -334,6 +335,7 @@ def train(
     width = model.get_embedding_dimension()
     dims = matryoshka_dims(width) if spec.matryoshka else [width]
 
+    rows_hash = _rows_hash(data)
     mined = False
     if hard_negatives is None:
         hard_negatives = spec.needs_negatives and "negative" not in data.column_names
@@ -356,6 +358,7 @@ def train(
         "recipe": asdict(spec),
         "base_model": base_model,
         "data_fingerprint": data_fingerprint,
+        "rows_sha256": rows_hash,
         "train_pairs": len(data),
         "hard_negatives_mined": mined,
         "epochs": epochs,
@@ -558,6 +561,14 @@ def _checkpoint_to_resume(checkpoints: Path, settings: dict[str, Any]) -> str | 
     if json.loads(marker.read_text()) != json.loads(json.dumps(settings, default=str)):
         return None
     return get_last_checkpoint(str(checkpoints))
+
+
+def _rows_hash(data: Dataset) -> str:
+    """A content hash of the training rows: a checkpoint is only resumed on the same data."""
+    digest = hashlib.sha256()
+    for batch in data.iter(batch_size=1000):
+        digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()[:16]
 
 
 def _final_metrics(history: list[dict]) -> dict[str, float]:
