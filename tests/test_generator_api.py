@@ -309,6 +309,33 @@ def test_completions_endpoint_sends_the_few_shot_prompt_for_base_models(server, 
     assert request["body"]["n"] == 2 and "\n" in request["body"]["stop"]
 
 
+def test_a_copied_example_question_is_dropped_and_asked_again(server, key):
+    url, script = server
+    pool = [("A passage about samples.", "What is sample 0?")]
+    gen = make_generator(
+        "api", base_url=url, api_key_env=key, endpoint="completions", n=2, few_shot=pool, **FAST
+    )
+    [result] = gen.generate(passages("echo"))
+    assert result.questions == ["What is sample 1?"]
+    assert [r["body"].get("n", 1) for r in script.requests] == [2, 1]
+
+
+def test_real_user_queries_set_the_style_of_both_prompts(server, key):
+    """Promptagator: the user's own queries are shown as the style to imitate."""
+    url, script = server
+    queries = ["reset vpn token", "who approves travel over 5k"]
+    for endpoint in ("chat", "completions"):
+        gen = make_generator(
+            "api", base_url=url, api_key_env=key, endpoint=endpoint, example_queries=queries, **FAST
+        )
+        [result] = gen.generate(passages(endpoint))
+        assert result.error is None
+    chat, completions = (json.dumps(r["body"]) for r in script.requests)
+    assert "Match the style of these real user questions" in chat
+    assert "Questions people ask look like these" in completions
+    assert all(q in chat and f"Question: {q}" in completions for q in queries)
+
+
 def test_empty_chat_answer_points_to_the_completions_endpoint(server, key):
     url, script = server
     script.plans["BASE"] = ["empty"]

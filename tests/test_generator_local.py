@@ -13,6 +13,7 @@ from pypdf import PdfReader
 
 from tasks.generators import make_generator
 from tasks.generators.local import LocalGenerator
+from tasks.generators.prompts import DEFAULT_FEW_SHOT
 from tests.conftest import NIST_PDF
 
 QUESTION_START = re.compile(
@@ -69,6 +70,7 @@ def test_questions_are_question_shaped_and_about_the_passage(generated, chunks):
         assert question.endswith("?"), question
         assert "\n" not in question and not question.startswith(("Question", "1."))
         assert question.lower().rstrip("?") not in chunk.lower(), "a copy of the passage"
+    assert not set(questions) & {q for _, q in DEFAULT_FEW_SHOT}, "an example copied"
     assert sum(bool(QUESTION_START.match(q)) for q in questions) >= len(questions) * 0.6
     assert len(set(questions)) >= len(questions) - 1, "sampled questions should differ"
 

@@ -40,6 +40,7 @@ from tasks.generators.prompts import (
     FewShot,
     chat_messages,
     check_template,
+    drop_echoes,
     few_shot_prompt,
     passage_seed,
     split_questions,
@@ -209,8 +210,9 @@ class ApiGenerator:
         payload["max_tokens"] = self.max_tokens or TOKENS_PER_QUESTION * self.n
         data = self._post(client, headers, payload, result)
         content = data["choices"][0]["message"].get("content") or ""
-        result.questions = split_questions(content, limit=self.n)
-        if not result.questions:
+        questions = split_questions(content, limit=self.n)
+        result.questions = drop_echoes(questions, self.example_queries)
+        if not questions:
             raise ApiCallFailed(
                 f"{self.model} at {self.url} answered with no question "
                 "(a base model does not chat: use endpoint='completions')"
@@ -228,6 +230,8 @@ class ApiGenerator:
             example_queries=self.example_queries,
             max_chars=self.max_passage_chars,
         )
+        answered: list[str] = []
+        shown = [q for _, q in self.few_shot] + list(self.example_queries)
         # Ask for all n at once; servers that ignore `n` answer one choice, so ask again (with a
         # new seed) until n questions came back or n calls were made.
         for call in range(self.n):
@@ -240,8 +244,9 @@ class ApiGenerator:
                 payload["n"] = missing
             data = self._post(client, headers, payload, result)
             for choice in data["choices"][:missing]:
-                result.questions += split_questions(choice.get("text") or "", limit=1)
-        if not result.questions:
+                answered += split_questions(choice.get("text") or "", limit=1)
+            result.questions = drop_echoes(answered, shown)
+        if not answered:
             raise ApiCallFailed(f"{self.model} at {self.url} answered with no question")
 
     def _payload(self, passage: str, call: int, **fields: Any) -> dict[str, Any]:

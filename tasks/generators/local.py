@@ -28,6 +28,7 @@ from tasks.generators.prompts import (
     DEFAULT_FEW_SHOT_TEMPLATE,
     FewShot,
     check_template,
+    drop_echoes,
     few_shot_prompt,
     passage_seed,
     split_questions,
@@ -201,6 +202,10 @@ class LocalGenerator:
             self.max_passage_chars,
         )
 
+    def shown_questions(self) -> list[str]:
+        """Every question a prompt may show, which the model must not hand back as its own."""
+        return [q for _, q in self.few_shot] + list(self.example_queries)
+
     def prompt(self, passage: str) -> str:
         return few_shot_prompt(
             passage,
@@ -326,9 +331,8 @@ class LocalGenerator:
                     break
                 kept.append(token)
             answer = answers[row // self.n]
-            answer.questions += split_questions(
-                tokenizer.decode(kept, skip_special_tokens=True), limit=1
-            )
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            answer.questions += drop_echoes(split_questions(text, limit=1), self.shown_questions())
             answer.completion_tokens += len(kept)
         return answers
 

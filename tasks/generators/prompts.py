@@ -187,6 +187,21 @@ def split_questions(text: str, limit: int | None = None) -> list[str]:
     return questions[:limit] if limit is not None else questions
 
 
+def _echo_key(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip("?.! ")
+
+
+def drop_echoes(questions: Sequence[str], shown: Sequence[str]) -> list[str]:
+    """Drop questions that repeat an example question word for word.
+
+    A small base model sometimes copies an example's question ("How many minutes of moderate
+    exercise a week...") instead of asking about the passage; only the generator knows which
+    examples it showed, so this is the one cleaning step done here.
+    """
+    echoes = {_echo_key(q) for q in shown}
+    return [q for q in questions if _echo_key(q) not in echoes]
+
+
 def check_template(template: str, fields: Sequence[str], setting: str) -> str:
     """Fail at construction, naming the setting, when a custom template lacks a placeholder."""
     missing = [f for f in fields if "{" + f + "}" not in template]
