@@ -254,6 +254,23 @@ def test_key_goes_in_the_header_and_nowhere_else(server, key, caplog, monkeypatc
     assert make_generator("api", base_url=url, api_key_env=key, **FAST).fingerprint() == before
 
 
+def test_key_from_a_prefect_secret_block(server, prefect_api):
+    from prefect.blocks.system import Secret
+
+    url, script = server
+    Secret(value=KEY).save("ragtune-test-llm-key", overwrite=True)
+    gen = make_generator("api", base_url=url, api_key_secret="ragtune-test-llm-key", **FAST)
+    [result] = gen.generate(passages("secret"))
+    assert result.error is None
+    assert script.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert KEY not in repr(gen)
+    missing = make_generator("api", base_url=url, api_key_secret="no-such-block", **FAST)
+    with pytest.raises(
+        ValueError, match="Prefect Secret block 'no-such-block' \\(api_key_secret\\)"
+    ):
+        missing.generate(passages("x"))
+
+
 def test_azure_style_key_header_and_query_parameters(server, key):
     url, script = server
     gen = make_generator(
