@@ -93,6 +93,8 @@ def make_handler(script: Script) -> type[BaseHTTPRequestHandler]:
                 self.send(200, '{"choices": [{"message": ')
             elif kind == "nochoices":
                 self.send(200, '{"choices": []}')
+            elif kind == "oddchoice":
+                self.send(200, '{"choices": ["not an object"], "usage": "n/a"}')
             elif kind == "echo401":
                 # some servers echo the credentials they rejected
                 self.send(401, json.dumps({"error": f"bad key {self.headers['Authorization']}"}))
@@ -207,12 +209,12 @@ def test_slow_answer_beyond_timeout_counts_as_a_retry(server, key, caplog):
 
 def test_malformed_json_and_missing_choices_are_retried(server, key):
     url, script = server
-    script.plans["BROKEN"] = ["malformed", "nochoices", "ok"]
+    script.plans["BROKEN"] = ["malformed", "nochoices", "oddchoice", "ok"]
     [result] = make_generator("api", base_url=url, api_key_env=key, **FAST).generate(
         passages("BROKEN")
     )
     assert result.error is None and result.questions
-    assert len(script.calls("BROKEN")) == 3
+    assert len(script.calls("BROKEN")) == 4
 
 
 def test_permanent_failure_marks_only_that_passage_failed(server, key):

@@ -120,8 +120,11 @@ class ApiGenerator:
         for setting in ("n", "concurrency", "few_shot_k", "max_passage_chars"):
             if int(getattr(self, setting)) < 1:
                 raise ValueError(f"{setting} must be at least 1, got {getattr(self, setting)!r}")
-        if self.max_retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
-            raise ValueError("max_retries and backoff_s must be >= 0 and timeout_s > 0")
+        for setting in ("max_retries", "backoff_s", "backoff_max_s", "retry_after_max_s"):
+            if getattr(self, setting) < 0:
+                raise ValueError(f"{setting} must be >= 0, got {getattr(self, setting)!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
         self.few_shot = [(str(p), str(q)) for p, q in self.few_shot]
         self.example_queries = [str(q) for q in self.example_queries]
 
@@ -153,7 +156,7 @@ class ApiGenerator:
     ) -> list[Generation]:
         from tqdm.auto import tqdm
 
-        results: list[Generation | None] = [None] * len(passages)
+        results: dict[int, Generation] = {}
         headers = self._headers()
         limits = httpx.Limits(max_connections=self.concurrency)
         done = 0
@@ -179,7 +182,7 @@ class ApiGenerator:
                 bar.update(1)
                 if progress:
                     progress(done, len(passages))
-        return [r if r is not None else Generation([], error="not generated") for r in results]
+        return [results[i] for i in range(len(passages))]
 
     def _one(self, client: httpx.Client, headers: dict[str, str], passage: str) -> Generation:
         if not passage.strip():
@@ -282,7 +285,8 @@ class ApiGenerator:
                     except (ValueError, KeyError, TypeError, IndexError) as exc:
                         reason = f"malformed answer ({exc})"
                     else:
-                        usage = data.get("usage") or {}
+                        usage = data.get("usage")
+                        usage = usage if isinstance(usage, dict) else {}
                         result.prompt_tokens += int(usage.get("prompt_tokens") or 0)
                         result.completion_tokens += int(usage.get("completion_tokens") or 0)
                         return data
@@ -375,6 +379,8 @@ def _check_answer(data: Any, endpoint: str) -> None:
     if not isinstance(choices, list) or not choices:
         raise ValueError("no choices")
     for choice in choices:
+        if not isinstance(choice, dict):
+            raise TypeError("a choice is not an object")
         if endpoint == "chat":
             message = choice["message"]
             if not isinstance(message, dict):
