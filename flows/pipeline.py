@@ -153,18 +153,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
             margin=p.margin,
         ),
     )
-    result = PipelineResult(
-        workspace=p.workspace,
-        chunks=chunked.chunks,
-        questions_kept=asked.kept,
-        model_path=tuned.model_path,
-        report_dir=judged.report_dir,
-        published=False,
-        gate_reason=judged.reason,
-        dim=judged.dim,
-        seconds=stages.seconds,
-        reused=stages.reused,
-    )
+    published = None
     if judged.publish or p.publish_if_gated:
         headline = judged.metrics.get("tuned", {}).get(judged.dim, {})
         published = stages.run(
@@ -180,13 +169,20 @@ def pipeline(params: PipelineParams | None = None) -> State:
                 metrics={k: float(v) for k, v in headline.items()},
             ),
         )
-        result = result.model_copy(
-            update={
-                "published": True,
-                "alias": published.alias,
-                "collection": published.collection,
-            }
-        )
+    result = PipelineResult(
+        workspace=p.workspace,
+        chunks=chunked.chunks,
+        questions_kept=asked.kept,
+        model_path=tuned.model_path,
+        report_dir=judged.report_dir,
+        published=published is not None,
+        gate_reason=judged.reason,
+        dim=judged.dim,
+        alias=published.alias if published else None,
+        collection=published.collection if published else None,
+        seconds=stages.seconds,
+        reused=stages.reused,
+    )
     markdown(
         "pipeline-summary",
         _summary(result),
