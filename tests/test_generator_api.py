@@ -330,13 +330,17 @@ def test_completions_endpoint_sends_the_few_shot_prompt_for_base_models(server, 
 
 def test_a_copied_example_question_is_dropped_and_asked_again(server, key):
     url, script = server
-    pool = [("A passage about samples.", "What is sample 0?")]
+    pool = [{"passage": "A passage about samples.", "question": "What is sample 0?"}]
     gen = make_generator(
         "api", base_url=url, api_key_env=key, endpoint="completions", n=2, few_shot=pool, **FAST
     )
     [result] = gen.generate(passages("echo"))
     assert result.questions == ["What is sample 1?"]
     assert [r["body"].get("n", 1) for r in script.requests] == [2, 1]
+    assert (
+        "Passage: A passage about samples.\nQuestion: What is sample 0?"
+        in (script.requests[0]["body"]["prompt"])
+    )
 
 
 def test_real_user_queries_set_the_style_of_both_prompts(server, key):
@@ -397,5 +401,7 @@ def test_bad_names_and_settings_are_clear_errors():
         make_generator("api", api_key="sk-not-here")
     with pytest.raises(ValueError, match=r"chat_template must contain the placeholder"):
         make_generator("api", chat_template="no passage here")
+    with pytest.raises(ValueError, match=r"few_shot\[1\] must be a \(passage, question\) pair"):
+        make_generator("api", few_shot=[("P.", "Q?"), "just a string"])
     with pytest.raises(ValueError, match="endpoint must be 'chat' or 'completions'"):
         make_generator("api", endpoint="embeddings")

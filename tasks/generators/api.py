@@ -38,6 +38,7 @@ from tasks.generators.prompts import (
     DEFAULT_FEW_SHOT_TEMPLATE,
     STOP_MARKERS,
     FewShot,
+    as_few_shot,
     chat_messages,
     check_template,
     drop_echoes,
@@ -125,7 +126,7 @@ class ApiGenerator:
                 raise ValueError(f"{setting} must be >= 0, got {getattr(self, setting)!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
-        self.few_shot = [(str(p), str(q)) for p, q in self.few_shot]
+        self.few_shot = as_few_shot(self.few_shot)
         self.example_queries = [str(q) for q in self.example_queries]
 
     def fingerprint(self) -> str:

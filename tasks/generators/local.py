@@ -31,6 +31,7 @@ from tasks.generators.prompts import (
     DEFAULT_FEW_SHOT,
     DEFAULT_FEW_SHOT_TEMPLATE,
     FewShot,
+    as_few_shot,
     check_template,
     drop_echoes,
     few_shot_prompt,
@@ -100,8 +101,6 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     import torch
 
-    if torch.cuda.is_available():
-        return "bfloat16"
     native = [
         getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     ]
@@ -185,7 +184,7 @@ class LocalGenerator:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 or None, got {self.threads!r}")
         self.dtype = resolve_dtype(self.dtype)
-        self.few_shot = [(str(p), str(q)) for p, q in self.few_shot]
+        self.few_shot = as_few_shot(self.few_shot)
         self.example_queries = [str(q) for q in self.example_queries]
 
     def fingerprint(self) -> str:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 FewShot = tuple[str, str]
 
@@ -200,6 +201,26 @@ def drop_echoes(questions: Sequence[str], shown: Sequence[str]) -> list[str]:
     """
     echoes = {_echo_key(q) for q in shown}
     return [q for q in questions if _echo_key(q) not in echoes]
+
+
+def as_few_shot(pool: Sequence[Any]) -> list[FewShot]:
+    """Examples as (passage, question) pairs, from pairs or {"passage", "question"} objects (the
+    shapes a flow parameter arrives in), with an error naming the bad entry."""
+    examples: list[FewShot] = []
+    for index, item in enumerate(pool):
+        if isinstance(item, Mapping) and {"passage", "question"} <= set(item):
+            passage, question = item["passage"], item["question"]
+        elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
+            passage, question = item
+        else:
+            raise ValueError(
+                f"few_shot[{index}] must be a (passage, question) pair or an object with "
+                f"'passage' and 'question'; got {item!r}"
+            )
+        if not str(passage).strip() or not str(question).strip():
+            raise ValueError(f"few_shot[{index}] has an empty passage or question")
+        examples.append((str(passage), str(question)))
+    return examples
 
 
 def check_template(template: str, fields: Sequence[str], setting: str) -> str:
