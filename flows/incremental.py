@@ -25,6 +25,13 @@ R = TypeVar("R", bound=BaseModel)
 ALWAYS_RUN = frozenset({"publish"})
 
 
+class StageFailed(RuntimeError):
+    """A stage's error, named by stage, so a failed run's final message says where it broke.
+
+    Stages that completed before it stay recorded: the next run resumes after them.
+    """
+
+
 class StageRunner:
     """Runs stage flows in order, reusing a stage's last result when its inputs are unchanged."""
 
@@ -43,7 +50,10 @@ class StageRunner:
             print(f"{stage}: inputs unchanged since its last run; reusing its result")
             return _result_class(flow).model_validate(done)
         start = time.perf_counter()
-        result = flow(params)
+        try:
+            result = flow(params)
+        except Exception as exc:
+            raise StageFailed(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
         self.seconds[stage] = round(time.perf_counter() - start, 1)
         if _complete(result):
             self.ledger.record(stage, self.key, result.model_dump(mode="json"))

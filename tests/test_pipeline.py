@@ -160,3 +160,29 @@ def test_refresh_with_a_new_document_asks_only_about_its_chunks(
     assert new and {c["source"] for c in new} == {"notes.md"}
     assert refreshed.new_llm_calls == len(new)
     assert refreshed.embedded == len(new)
+
+
+def test_a_failed_stage_is_named_and_the_rerun_resumes_after_the_last_good_stage(
+    prefect_api, small_corpus, tmp_path
+):
+    """A training file without the columns training needs fails the finetune stage; ingest and
+    questions stay recorded, so the next run starts at finetune."""
+    from flows.finetune import FinetuneParams, finetune
+    from flows.incremental import StageFailed, StageRunner
+    from flows.ingest import ingest
+    from flows.pipeline import PipelineParams
+
+    params = PipelineParams(workspace=str(tmp_path / "ws"), sources=[str(small_corpus)])
+    params = params.resolved()
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("question,comment\nwhat is it?,a thing\n")
+    first = StageRunner(params.workspace, first_key="k")
+    first.run("ingest", ingest, params.ingest_params())
+    with pytest.raises(StageFailed, match=r"stage 'finetune' failed: .*positive"):
+        first.run(
+            "finetune", finetune, FinetuneParams(workspace=params.workspace, train_file=str(bad))
+        )
+
+    again = StageRunner(params.workspace, first_key="k")
+    again.run("ingest", ingest, params.ingest_params())
+    assert again.reused == ["ingest"]
