@@ -108,7 +108,8 @@ def make_handler(script: Script) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?")[0].endswith("/chat/completions"):
                 text = (
                     "Here are the questions:\n1. What is the first point?\n"
-                    '2) Why does it matter?\n- "How is it measured?"'
+                    '2) Why does it matter?\n- Q: "How is it measured?"\n'
+                    '4. Who defined the "risk tier"'
                     if content is None
                     else content
                 )
@@ -158,10 +159,15 @@ def passages(*markers: str) -> list[str]:
 
 def test_chat_questions_are_split_and_stripped_one_per_line(server, key):
     url, script = server
-    gen = make_generator("api", base_url=url, model="m", n=3, api_key_env=key, **FAST)
+    gen = make_generator("api", base_url=url, model="m", n=4, api_key_env=key, **FAST)
     [result] = gen.generate(passages("plain"))
     assert result == Generation(
-        questions=["What is the first point?", "Why does it matter?", "How is it measured?"],
+        questions=[
+            "What is the first point?",
+            "Why does it matter?",
+            "How is it measured?",
+            'Who defined the "risk tier"',
+        ],
         prompt_tokens=100,
         completion_tokens=20,
     )

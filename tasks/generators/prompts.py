@@ -171,8 +171,12 @@ def chat_messages(
 
 def clean_line(line: str) -> str:
     """Strip numbering, bullets, a "Question:" label and surrounding quotes from one line."""
-    text = _NUMBERING.sub("", line.strip()).strip()
-    text = text.strip(_QUOTES).strip()
+    text, previous = line.strip(), None
+    while text != previous:
+        previous = text
+        text = _NUMBERING.sub("", text).strip()
+        if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+            text = text[1:-1].strip()
     return text
 
 
