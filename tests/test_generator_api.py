@@ -191,6 +191,17 @@ def test_rate_limit_waits_for_retry_after_then_succeeds(server, key):
     assert elapsed >= 1.0
 
 
+def test_an_excessive_retry_after_is_capped(server, key):
+    """A server asking for an hour's pause must not park the run: retry_after_max_s caps it."""
+    url, script = server
+    script.plans["PARK"] = ["429:3600", "ok"]
+    gen = make_generator("api", base_url=url, api_key_env=key, retry_after_max_s=0.2, **FAST)
+    [result] = gen.generate(passages("PARK"))
+    assert result.error is None
+    first, second = script.calls("PARK")
+    assert 0.2 <= second["at"] - first["at"] < 5
+
+
 def test_server_error_then_success_is_retried(server, key):
     url, script = server
     script.plans["FLAKY"] = [500, 503, "ok"]
