@@ -57,7 +57,8 @@ def _registry() -> dict[str, Callable[[], type]]:
     return {"local": local, "api": api}
 
 
-GENERATORS = ("local", "api")
+#: the names `make_generator` knows
+GENERATORS = tuple(_registry())
 
 
 def make_generator(name: str, **settings: Any) -> QuestionGenerator:
