@@ -1,0 +1,324 @@
+"""Benchmark retrieval quality on real human queries: base vs tuned MiniLM on SciFact dev.
+
+Does what a user would, from the corpus alone: ingest the 5,183 abstracts (`corpus.jsonl`) with
+the ingest flow, generate questions with the bundled Gemma (`local` generator) through the
+questions flow's body (`flows.questions.ask`), keep those that survive the text filters and the
+round trip, fine-tune with the finetune flow, then evaluate base and tuned on the 809 human
+claims (`qrels/dev.tsv`) against the whole corpus, with the paired bootstrap interval.
+
+The only labelled data the pipeline sees is at most 8 claims shown to the generator as
+`example_queries` (Promptagator): they are removed from the evaluated claims, and every
+training question is checked against the evaluated claims (tasks/fewshot.py raises
+`LeakageError` on either leak). Evaluation is per document: the corpus is the BEIR records as
+`load_beir` returns them, not ragtune's chunks (70% of the abstracts are two or more chunks at
+256 tokens), so a query is scored on the abstracts the judges marked.
+
+Several variants share one workspace (`bench/out/quality`): the question cache makes a variant
+that changes only the filter or the training pay nothing for generation, and the base model's
+evaluation is cached (it is the same for every variant evaluated on the same claims). Each run
+appends a record to `bench/out/quality/runs.jsonl` and prints the results table. CPU heavy.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --variant baseline --chunks 700
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WORKSPACE = ROOT / "bench" / "out" / "quality"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_HOME", str(WORKSPACE / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import numpy as np  # noqa: E402
+
+from tasks.evaluation import (  # noqa: E402
+    ModelEval,
+    evaluate_model,
+    gate,
+    intervals_by_dim,
+    matryoshka_eval_dims,
+)
+from tasks.fewshot import LabelledSplit, check_held_out, check_training, labelled_split  # noqa: E402
+from tasks.models import MINILM, load_model  # noqa: E402
+from tasks.workspace import Workspace, fingerprint, load_rows  # noqa: E402
+
+SCIFACT = Path("/work/shared/data/scifact-dev")
+RUNS = WORKSPACE / "runs.jsonl"
+HEADLINE_DIM = 384
+
+
+class TimedGenerator:
+    """A question generator that adds up the wall time spent inside `generate`, so generation
+    is timed apart from cleaning and the round trip."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seconds = 0.0
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def generate(self, passages, progress=None):
+        started = time.perf_counter()
+        try:
+            return self.inner.generate(passages, progress)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def base_eval(split: LabelledSplit, model_ref: str, dims: list[int]) -> ModelEval:
+    """The base model's evaluation, cached on disk by model, corpus, claims and dims."""
+    key = fingerprint(
+        model_ref,
+        sorted(split.corpus.items()),
+        sorted(split.queries.items()),
+        sorted((qid, sorted(ids)) for qid, ids in split.relevant.items()),
+        dims,
+    )
+    path = WORKSPACE / f"base-eval-{key[:16]}.json"
+    if path.exists():
+        raw = json.loads(path.read_text())
+        return ModelEval(
+            name=raw["name"],
+            model=raw["model"],
+            metrics={int(d): v for d, v in raw["metrics"].items()},
+            ndcg_per_query={int(d): v for d, v in raw["ndcg_per_query"].items()},
+            first_rank={int(d): v for d, v in raw["first_rank"].items()},
+            query_prompt=raw["query_prompt"],
+            corpus_prompt=raw["corpus_prompt"],
+            n_queries=raw["n_queries"],
+            n_corpus=raw["n_corpus"],
+        )
+    evaluation = evaluate_model(
+        load_model(model_ref),
+        split.corpus,
+        split.queries,
+        split.relevant,
+        dims,
+        name="base",
+        model_ref=model_ref,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(evaluation.__dict__))
+    return evaluation
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.finetune import FinetuneParams, finetune
+    from flows.ingest import IngestParams, ingest
+    from flows.questions import QuestionParams, ask
+    from tasks.generators import make_generator
+    from tasks.generators.local import unload_gemma
+
+    started = time.perf_counter()
+    split = labelled_split(args.beir, args.split, args.few_shot, args.seed)
+    check_held_out(split.examples, split.queries)
+    print(
+        f"{len(split.corpus)} documents; {len(split.examples)} claims shown as examples, "
+        f"{len(split.queries)} claims evaluated"
+    )
+    dims = matryoshka_eval_dims(load_model(args.base_model).get_embedding_dimension())
+    t = time.perf_counter()
+    base = base_eval(split, args.base_model, dims)
+    base_s = time.perf_counter() - t
+    print(f"base NDCG@10 {base.metrics[HEADLINE_DIM]['ndcg@10']:.4f} ({base_s:.0f} s)")
+
+    ws = Workspace.at(args.workspace)
+    t = time.perf_counter()
+    ingested = ingest(
+        IngestParams(workspace=str(ws.root), sources=[str(args.beir / "corpus.jsonl")])
+    )
+    ingest_s = time.perf_counter() - t
+
+    settings: dict[str, Any] = {"batch_size": args.gen_batch_size}
+    if args.few_shot_mode == "example_queries" and split.examples:
+        settings["example_queries"] = split.examples
+    params = QuestionParams(
+        workspace=str(ws.root),
+        generator="local",
+        generator_settings=settings,
+        questions_per_chunk=args.n,
+        max_chunks=args.chunks,
+        round_trip_top_k=args.round_trip_top_k,
+        round_trip_model=args.base_model,
+        test_size=0.0,
+        seed=args.seed,
+    )
+    generator = TimedGenerator(
+        make_generator("local", n=args.n, seed=args.seed, **params.generator_settings)
+    )
+    t = time.perf_counter()
+    asked = ask(params, generator)
+    questions_s = time.perf_counter() - t
+    unload_gemma()
+
+    rows = load_rows(ws.questions_dir)
+    anchors = [r["question"] for r in rows if r["kept"] and r["split"] == "train"]
+    check_training(anchors, split.queries.values())
+    doc_of = {c["id"]: c["doc_id"] for c in load_rows(ws.chunks_dir)}
+    asked_docs = {doc_of[r["chunk_id"]] for r in rows}
+    judged = {d for ids in split.relevant.values() for d in ids}
+
+    t = time.perf_counter()
+    tuned_run = finetune(
+        FinetuneParams(
+            workspace=str(ws.root),
+            base_model=args.base_model,
+            recipe=args.recipe,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            max_seq_length=args.max_seq_length,
+            seed=args.seed,
+        )
+    )
+    train_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tuned = evaluate_model(
+        load_model(tuned_run.model_path),
+        split.corpus,
+        split.queries,
+        split.relevant,
+        dims,
+        name="tuned",
+        model_ref=tuned_run.model_path,
+    )
+    tuned_s = time.perf_counter() - t
+    intervals = intervals_by_dim(base, tuned)
+    decision = gate(base, tuned)
+    gain, low, high = intervals[HEADLINE_DIM]
+    per_query = np.array(
+        [
+            tuned.ndcg_per_query[HEADLINE_DIM][q] - base.ndcg_per_query[HEADLINE_DIM][q]
+            for q in base.ndcg_per_query[HEADLINE_DIM]
+        ]
+    )
+    generated_per_s = asked.generated / generator.seconds if generator.seconds else None
+    record = {
+        "variant": args.variant,
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py " + shlex.join(sys.argv[1:]),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "few_shot_mode": args.few_shot_mode,
+        "example_claims": split.examples,
+        "evaluated_claims": len(split.queries),
+        "corpus_docs": len(split.corpus),
+        "corpus_chunks": ingested.chunks,
+        "chunks_asked": asked.chunks,
+        "docs_asked": len(asked_docs),
+        "judged_docs_asked": len(asked_docs & judged),
+        "generated": asked.generated,
+        "kept": asked.kept,
+        "rejected": asked.rejected,
+        "llm_calls": asked.llm_calls,
+        "cached_chunks": asked.cached,
+        "generation_s": round(generator.seconds, 1),
+        "questions_stage_s": round(questions_s, 1),
+        "questions_per_s": round(generated_per_s, 3) if generated_per_s else None,
+        "projected_full_generation_s": (
+            round(ingested.chunks * args.n / generated_per_s) if generated_per_s else None
+        ),
+        "train_pairs": tuned_run.train_pairs,
+        "train_steps": tuned_run.steps,
+        "training_s": round(train_s, 1),
+        "ingest_s": round(ingest_s, 1),
+        "base_eval_s": round(base_s, 1),
+        "tuned_eval_s": round(tuned_s, 1),
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("beir", "workspace", "variant")
+        },
+        "model_path": tuned_run.model_path,
+        "ndcg10_base": base.metrics[HEADLINE_DIM]["ndcg@10"],
+        "ndcg10_tuned": tuned.metrics[HEADLINE_DIM]["ndcg@10"],
+        "gain": gain,
+        "interval": [low, high],
+        "recall10_base": base.metrics[HEADLINE_DIM]["recall@10"],
+        "recall10_tuned": tuned.metrics[HEADLINE_DIM]["recall@10"],
+        "queries_better": int((per_query > 0).sum()),
+        "queries_worse": int((per_query < 0).sum()),
+        "by_dim": {
+            dim: {
+                "base": base.metrics[dim]["ndcg@10"],
+                "tuned": tuned.metrics[dim]["ndcg@10"],
+                "interval": list(intervals[dim]),
+            }
+            for dim in dims
+        },
+        "gate": decision.reason,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    RUNS.parent.mkdir(parents=True, exist_ok=True)
+    with RUNS.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\n")
+    return record
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    from flows.artifacts import markdown_table
+
+    rows = [
+        {
+            "variant": r["variant"],
+            "chunks asked (docs)": f"{r['chunks_asked']} ({r['docs_asked']})",
+            "generated / kept (pairs)": f"{r['generated']} / {r['kept']} ({r['train_pairs']})",
+            "generation s": r["generation_s"],
+            "training s": r["training_s"],
+            "NDCG@10 base": f"{r['ndcg10_base']:.4f}",
+            "tuned": f"{r['ndcg10_tuned']:.4f}",
+            "gain (pt)": f"{100 * r['gain']:+.2f}",
+            "95% interval (pt)": f"[{100 * r['interval'][0]:+.2f}, {100 * r['interval'][1]:+.2f}]",
+        }
+        for r in records
+    ]
+    return markdown_table(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", required=True, help="Name of this run in the results.")
+    parser.add_argument("--beir", type=Path, default=SCIFACT, help="BEIR folder.")
+    parser.add_argument("--split", default="dev", help="qrels/<split>.tsv to evaluate on.")
+    parser.add_argument("--workspace", type=Path, default=WORKSPACE)
+    parser.add_argument("--base-model", default=MINILM)
+    parser.add_argument("--chunks", type=int, default=700, help="Seeded sample of chunks asked.")
+    parser.add_argument("--n", type=int, default=2, help="Questions per chunk.")
+    parser.add_argument("--gen-batch-size", type=int, default=16)
+    parser.add_argument("--few-shot", type=int, default=8, help="Claims shown as examples.")
+    parser.add_argument(
+        "--few-shot-mode",
+        choices=("example_queries", "none"),
+        default="example_queries",
+        help="example_queries: the claims set the style; none: the generic pool only (the "
+        "claims are still held out, so every variant is scored on the same queries).",
+    )
+    parser.add_argument("--round-trip-top-k", type=int, default=10)
+    parser.add_argument("--recipe", default="matryoshka-mnrl")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--table", action="store_true", help="Print the table of past runs.")
+    args = parser.parse_args()
+    if not args.table:
+        record = run(args)
+        print(json.dumps({k: v for k, v in record.items() if k != "example_claims"}, indent=2))
+    records = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    print(results_table(records))
+
+
+if __name__ == "__main__":
+    main()
