@@ -16,7 +16,7 @@ training question is checked against the evaluated claims (tasks/fewshot.py rais
 Several variants share one workspace (`bench/out/quality`): the question cache makes a variant
 that changes only the filter or the training pay nothing for generation, and the base model's
 evaluation is cached (it is the same for every variant evaluated on the same claims). Each run
-appends a record to `bench/out/quality/runs.jsonl` and prints the results table. CPU heavy.
+appends a record to `runs.jsonl` in the workspace and prints the results table. CPU heavy.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --variant baseline --chunks 700
 """
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import sys
 import time
@@ -56,7 +57,6 @@ from tasks.models import MINILM, load_model  # noqa: E402
 from tasks.workspace import Workspace, fingerprint, load_rows  # noqa: E402
 
 SCIFACT = Path("/work/shared/data/scifact-dev")
-RUNS = WORKSPACE / "runs.jsonl"
 HEADLINE_DIM = 384
 
 
@@ -80,7 +80,7 @@ class TimedGenerator:
             self.seconds += time.perf_counter() - started
 
 
-def base_eval(split: LabelledSplit, model_ref: str, dims: list[int]) -> ModelEval:
+def base_eval(split: LabelledSplit, model_ref: str, dims: list[int], folder: Path) -> ModelEval:
     """The base model's evaluation, cached on disk by model, corpus, claims and dims."""
     key = fingerprint(
         model_ref,
@@ -89,7 +89,7 @@ def base_eval(split: LabelledSplit, model_ref: str, dims: list[int]) -> ModelEva
         sorted((qid, sorted(ids)) for qid, ids in split.relevant.items()),
         dims,
     )
-    path = WORKSPACE / f"base-eval-{key[:16]}.json"
+    path = folder / f"base-eval-{key[:16]}.json"
     if path.exists():
         raw = json.loads(path.read_text())
         return ModelEval(
@@ -133,11 +133,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     dims = matryoshka_eval_dims(load_model(args.base_model).get_embedding_dimension())
     t = time.perf_counter()
-    base = base_eval(split, args.base_model, dims)
+    ws = Workspace.at(args.workspace)
+    base = base_eval(split, args.base_model, dims, ws.root)
     base_s = time.perf_counter() - t
     print(f"base NDCG@10 {base.metrics[HEADLINE_DIM]['ndcg@10']:.4f} ({base_s:.0f} s)")
 
-    ws = Workspace.at(args.workspace)
     t = time.perf_counter()
     ingested = ingest(
         IngestParams(workspace=str(ws.root), sources=[str(args.beir / "corpus.jsonl")])
@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = load_rows(ws.questions_dir)
     anchors = [r["question"] for r in rows if r["kept"] and r["split"] == "train"]
     check_training(anchors, split.queries.values())
+    samples = random.Random(args.seed).sample(anchors, min(12, len(anchors)))
     doc_of = {c["id"]: c["doc_id"] for c in load_rows(ws.chunks_dir)}
     asked_docs = {doc_of[r["chunk_id"]] for r in rows}
     judged = {d for ids in split.relevant.values() for d in ids}
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generated": asked.generated,
         "kept": asked.kept,
         "rejected": asked.rejected,
+        "samples": samples,
         "llm_calls": asked.llm_calls,
         "cached_chunks": asked.cached,
         "generation_s": round(generator.seconds, 1),
@@ -261,8 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gate": decision.reason,
         "total_s": round(time.perf_counter() - started, 1),
     }
-    RUNS.parent.mkdir(parents=True, exist_ok=True)
-    with RUNS.open("a", encoding="utf-8") as out:
+    with (ws.root / "runs.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
     return record
 
@@ -275,8 +276,8 @@ def results_table(records: list[dict[str, Any]]) -> str:
             "variant": r["variant"],
             "chunks asked (docs)": f"{r['chunks_asked']} ({r['docs_asked']})",
             "generated / kept (pairs)": f"{r['generated']} / {r['kept']} ({r['train_pairs']})",
-            "generation s": r["generation_s"],
-            "training s": r["training_s"],
+            "generation s": f"{r['generation_s']:.0f}",
+            "training s": f"{r['training_s']:.0f}",
             "NDCG@10 base": f"{r['ndcg10_base']:.4f}",
             "tuned": f"{r['ndcg10_tuned']:.4f}",
             "gain (pt)": f"{100 * r['gain']:+.2f}",
@@ -316,7 +317,8 @@ def main() -> None:
     if not args.table:
         record = run(args)
         print(json.dumps({k: v for k, v in record.items() if k != "example_claims"}, indent=2))
-    records = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    runs = args.workspace / "runs.jsonl"
+    records = [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
     print(results_table(records))
 
 
