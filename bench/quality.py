@@ -117,26 +117,13 @@ def base_eval(split: LabelledSplit, model_ref: str, dims: list[int], folder: Pat
     return evaluation
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.finetune import FinetuneParams, finetune
+def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace) -> dict:
+    """Ingest the corpus and ask the local generator about a seeded sample of its chunks,
+    through the flows a user runs; returns the counts and timings."""
     from flows.ingest import IngestParams, ingest
     from flows.questions import QuestionParams, ask
     from tasks.generators import make_generator
     from tasks.generators.local import unload_gemma
-
-    started = time.perf_counter()
-    split = labelled_split(args.beir, args.split, args.few_shot, args.seed)
-    check_held_out(split.examples, split.queries)
-    print(
-        f"{len(split.corpus)} documents; {len(split.examples)} claims shown as examples, "
-        f"{len(split.queries)} claims evaluated"
-    )
-    dims = matryoshka_eval_dims(load_model(args.base_model).get_embedding_dimension())
-    t = time.perf_counter()
-    ws = Workspace.at(args.workspace)
-    base = base_eval(split, args.base_model, dims, ws.root)
-    base_s = time.perf_counter() - t
-    print(f"base NDCG@10 {base.metrics[HEADLINE_DIM]['ndcg@10']:.4f} ({base_s:.0f} s)")
 
     t = time.perf_counter()
     ingested = ingest(
@@ -158,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_size=0.0,
         seed=args.seed,
     )
+    # The settings the questions flow itself gives make_generator.
     generator = TimedGenerator(
         make_generator("local", n=args.n, seed=args.seed, **params.generator_settings)
     )
@@ -165,6 +153,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     asked = ask(params, generator)
     questions_s = time.perf_counter() - t
     unload_gemma()
+    per_s = asked.generated / generator.seconds if asked.llm_calls and generator.seconds else None
+    return {
+        "variant": args.variant,
+        "corpus_chunks": ingested.chunks,
+        "ingest_s": round(ingest_s, 1),
+        "chunks_asked": asked.chunks,
+        "generated": asked.generated,
+        "kept": asked.kept,
+        "rejected": asked.rejected,
+        "llm_calls": asked.llm_calls,
+        "cached_chunks": asked.cached,
+        "generation_s": round(generator.seconds, 1),
+        "questions_stage_s": round(questions_s, 1),
+        "questions_per_s": round(per_s, 3) if per_s else None,
+        # Every chunk of the corpus, n questions each, at the measured rate.
+        "projected_full_generation_s": round(ingested.chunks * args.n / per_s) if per_s else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.finetune import FinetuneParams, finetune
+
+    started = time.perf_counter()
+    split = labelled_split(args.beir, args.split, args.few_shot, args.seed)
+    check_held_out(split.examples, split.queries)
+    print(
+        f"{len(split.corpus)} documents; {len(split.examples)} claims shown as examples, "
+        f"{len(split.queries)} claims evaluated"
+    )
+    ws = Workspace.at(args.workspace)
+    dims = matryoshka_eval_dims(load_model(args.base_model).get_embedding_dimension())
+    t = time.perf_counter()
+    base = base_eval(split, args.base_model, dims, ws.root)
+    base_s = time.perf_counter() - t
+    print(f"base NDCG@10 {base.metrics[HEADLINE_DIM]['ndcg@10']:.4f} ({base_s:.0f} s)")
+
+    stage = ws.root / "questions-run.json"
+    if args.reuse_questions:
+        if not stage.exists():
+            raise SystemExit(f"--reuse-questions: {stage} is missing; run without it first")
+        questions = json.loads(stage.read_text())
+        print(f"reusing the questions of variant {questions['variant']!r} in {ws.questions_dir}")
+    else:
+        questions = make_questions(args, split, ws)
+        stage.write_text(json.dumps(questions))
 
     rows = load_rows(ws.questions_dir)
     anchors = [r["question"] for r in rows if r["kept"] and r["split"] == "train"]
@@ -208,7 +241,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for q in base.ndcg_per_query[HEADLINE_DIM]
         ]
     )
-    generated_per_s = asked.generated / generator.seconds if generator.seconds else None
     record = {
         "variant": args.variant,
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py " + shlex.join(sys.argv[1:]),
@@ -218,26 +250,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "example_claims": split.examples,
         "evaluated_claims": len(split.queries),
         "corpus_docs": len(split.corpus),
-        "corpus_chunks": ingested.chunks,
-        "chunks_asked": asked.chunks,
+        **{k: v for k, v in questions.items() if k != "variant"},
+        "questions_from": questions["variant"],
         "docs_asked": len(asked_docs),
         "judged_docs_asked": len(asked_docs & judged),
-        "generated": asked.generated,
-        "kept": asked.kept,
-        "rejected": asked.rejected,
         "samples": samples,
-        "llm_calls": asked.llm_calls,
-        "cached_chunks": asked.cached,
-        "generation_s": round(generator.seconds, 1),
-        "questions_stage_s": round(questions_s, 1),
-        "questions_per_s": round(generated_per_s, 3) if generated_per_s else None,
-        "projected_full_generation_s": (
-            round(ingested.chunks * args.n / generated_per_s) if generated_per_s else None
-        ),
         "train_pairs": tuned_run.train_pairs,
         "train_steps": tuned_run.steps,
         "training_s": round(train_s, 1),
-        "ingest_s": round(ingest_s, 1),
         "base_eval_s": round(base_s, 1),
         "tuned_eval_s": round(tuned_s, 1),
         "settings": {
@@ -312,6 +332,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--reuse-questions",
+        action="store_true",
+        help="Train on the workspace's questions from its previous run (a training-only "
+        "variant: skips ingest, generation and the round trip).",
+    )
     parser.add_argument("--table", action="store_true", help="Print the table of past runs.")
     args = parser.parse_args()
     if not args.table:
