@@ -205,7 +205,8 @@ def matryoshka_dims(width: int) -> list[int]:
 
 
 def validate_columns(data: Dataset, source: str = "training data") -> Dataset:
-    """Keep (anchor, positive[, negative]) in that order: the losses read columns by position."""
+    """Keep (anchor, positive[, negative, negative_2, ...]) in that order: the losses read
+    columns by position, and any other column would be fed to them as one more input."""
     missing = [name for name in COLUMNS[:2] if name not in data.column_names]
     if missing:
         raise ValueError(
@@ -215,6 +216,11 @@ def validate_columns(data: Dataset, source: str = "training data") -> Dataset:
     if len(data) == 0:
         raise ValueError(f"{source} has no rows.")
     keep = [name for name in COLUMNS if name in data.column_names]
+    if "negative" in keep:
+        extra = 2
+        while f"negative_{extra}" in data.column_names:
+            keep.append(f"negative_{extra}")
+            extra += 1
     return data.select_columns(keep)
 
 
@@ -349,6 +355,8 @@ def train(
             f"recipe {recipe!r} needs (anchor, positive, negative) rows: add a negative column "
             "or let ragtune mine hard negatives (hard_negatives=True)."
         )
+    if spec.loss == "TripletLoss":
+        data = data.select_columns(list(COLUMNS))
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,10 @@ def test_mined_negatives_are_other_passages(minilm, pairs):
     for row in triplets:
         assert row["negative"] in passages and row["negative"] != row["positive"]
 
+    tuples = mine_negatives(pairs, minilm, num_negatives=2)
+    assert tuples.column_names == ["anchor", "positive", "negative", "negative_2"]
+    assert all(row["negative"] != row["negative_2"] for row in tuples)
+
 
 def test_training_data_without_a_positive_column_is_refused(tmp_path):
     data = Dataset.from_list([{"anchor": "a question", "answer_text": "a passage"}])
