@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from flows.artifacts import markdown, markdown_table, progress_artifact
 from tasks.models import MINILM, model_tag
 from tasks.training import DEFAULT_RECIPE, RECIPES, TrainResult, get_recipe, train
-from tasks.training_data import load_pairs, pairs_from_questions
+from tasks.training_data import held_out_queries, load_pairs, pairs_from_questions
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
@@ -92,7 +92,7 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
     name = params.output_name or (
         f"{model_tag(params.base_model)}-tuned-{fingerprint(settings, data_fp)[:6]}"
     )
-    queries, relevant = _held_out(questions, chunks)
+    queries, relevant = held_out_queries(questions, chunks)
     print(
         f"training {params.base_model} with {spec.name} on {len(data)} rows from {source}; "
         f"evaluating on {len(queries)} held-out questions against {len(chunks)} chunks"
@@ -166,18 +166,3 @@ def training_report(result: TrainResult, name: str) -> str:
 
 def _chunks(ws: Workspace) -> dict[str, str]:
     return {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
-
-
-def _held_out(
-    questions: list[dict], chunks: dict[str, str]
-) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """Test-split questions whose chunk exists, as IR evaluator queries and relevance sets."""
-    queries: dict[str, str] = {}
-    relevant: dict[str, set[str]] = {}
-    for number, q in enumerate(questions):
-        if q.get("split") != "test" or not q.get("kept", True) or q["chunk_id"] not in chunks:
-            continue
-        qid = f"q{number}"
-        queries[qid] = q["question"]
-        relevant[qid] = {q["chunk_id"]}
-    return queries, relevant

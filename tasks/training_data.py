@@ -103,6 +103,25 @@ def pairs_from_questions(
     return Dataset.from_list(rows)
 
 
+def held_out_queries(
+    questions: list[dict[str, Any]], chunks: Mapping[str, str], split: str = "test"
+) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Kept questions of the held-out split as IR queries, each relevant to its own chunk.
+
+    Questions whose chunk is gone (the corpus changed since they were asked) are left out
+    rather than counted as misses.
+    """
+    queries: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    for number, q in enumerate(questions):
+        if q.get("split") != split or not q.get("kept", True) or q["chunk_id"] not in chunks:
+            continue
+        qid = f"q{number}"
+        queries[qid] = q["question"]
+        relevant[qid] = {q["chunk_id"]}
+    return queries, relevant
+
+
 def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from tasks.training_data import load_pairs, pairs_from_questions
+from tasks.training_data import held_out_queries, load_pairs, pairs_from_questions
 
 
 def test_csv_with_query_and_passage_columns_becomes_anchor_positive(tmp_path):
@@ -93,3 +93,16 @@ def test_no_kept_training_questions_is_an_error():
     questions = [{"question": "q", "chunk_id": "c1", "split": "train", "kept": False}]
     with pytest.raises(ValueError, match="no kept questions in the 'train' split"):
         pairs_from_questions(questions, {"c1": "text"})
+
+
+def test_held_out_queries_are_kept_test_questions_relevant_to_their_own_chunk():
+    chunks = {"c1": "one", "c2": "two"}
+    questions = [
+        {"question": "train q", "chunk_id": "c1", "split": "train", "kept": True},
+        {"question": "test q", "chunk_id": "c2", "split": "test", "kept": True},
+        {"question": "rejected", "chunk_id": "c2", "split": "test", "kept": False},
+        {"question": "stale", "chunk_id": "gone", "split": "test", "kept": True},
+    ]
+    queries, relevant = held_out_queries(questions, chunks)
+    assert list(queries.values()) == ["test q"]
+    assert relevant == {qid: {"c2"} for qid in queries}
