@@ -21,12 +21,12 @@ from flows.ingest import IngestParams, ingest
 from flows.profiles import ProfileName, profile_defaults
 from flows.publish import PublishParams, publish
 from flows.questions import QuestionParams, questions
+from flows.search import StoreParams
 
 
-class PipelineParams(BaseModel):
+class PipelineParams(StoreParams):
     """What a user sets for a whole run; blank fields take the profile's default."""
 
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
     profile: ProfileName = Field(
         "demo", description="demo: offline, bundled models, minutes on CPU. production: bge-base."
     )
@@ -64,8 +64,6 @@ class PipelineParams(BaseModel):
         False, description="Publish the tuned model even when the gate says it is not better."
     )
     alias: str = Field("docs", description="Stable Chroma name that readers query.")
-    chroma_host: str | None = Field(None, description="Chroma server host; blank: embedded store.")
-    chroma_port: int = Field(8000, description="Chroma server port.")
 
     def resolved(self) -> PipelineParams:
         """These parameters with blanks filled from the profile."""
@@ -160,12 +158,10 @@ def pipeline(params: PipelineParams | None = None) -> State:
             "publish",
             publish,
             PublishParams(
-                workspace=p.workspace,
+                **p.store_settings(),
                 model=tuned.model_path,
                 dim=judged.dim,
                 alias=p.alias,
-                chroma_host=p.chroma_host,
-                chroma_port=p.chroma_port,
                 metrics={k: float(v) for k, v in headline.items()},
             ),
         )

@@ -13,10 +13,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "base_model": MINILM,
         "generator": "local",
-        "questions_per_chunk": 1,
+        "questions_per_chunk": 3,
         "max_chunks": None,
         "recipe": "matryoshka-mnrl",
-        "epochs": 1,
+        "epochs": 3,
         "batch_size": 32,
         "learning_rate": 5e-5,
         # Short sequences are most of the CPU speed-up (NOTES.md); chunks stay 256 tokens.

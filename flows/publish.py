@@ -14,7 +14,7 @@ from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
-from flows.search import open_store
+from flows.search import StoreParams
 from tasks import store
 from tasks.models import load_model
 from tasks.workspace import Workspace, load_rows
@@ -23,8 +23,7 @@ from tasks.workspace import Workspace, load_rows
 PUBLISH_LIMIT = "ragtune-publish"
 
 
-class PublishParams(BaseModel):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+class PublishParams(StoreParams):
     model: str | None = Field(
         None,
         description="Embedding model (folder, bundled name or hub id); blank: the newest model "
@@ -35,16 +34,6 @@ class PublishParams(BaseModel):
     )
     alias: str = Field("docs", description="Stable name readers query; moved to the new version.")
     corpus: str = Field("docs", description="Corpus name, the first part of collection names.")
-    chroma_path: str | None = Field(
-        None, description="Embedded Chroma folder; blank: the workspace's chroma/."
-    )
-    chroma_host: str | None = Field(
-        None, description="Chroma server host (`chroma run`); blank: the embedded store."
-    )
-    chroma_port: int = Field(8000, description="Chroma server port.")
-    chroma_token_env: str | None = Field(
-        None, description="Environment variable holding the Chroma server's auth token."
-    )
     keep_versions: int = Field(
         3, ge=2, description="Versions kept per alias (live and previous are always kept)."
     )
@@ -109,13 +98,7 @@ def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: 
     prompts = model.prompts or {}
     query_prompt = prompts.get("query", "")
     document_prompt = prompts.get("document") or prompts.get("passage", "")
-    client = open_store(
-        params.workspace,
-        params.chroma_path,
-        params.chroma_host,
-        params.chroma_port,
-        params.chroma_token_env,
-    )
+    client = params.open_store()
     print(f"publishing {len(chunks)} chunks with {model_ref} at dim {dim} as {params.alias!r}")
 
     ensure_publish_limit()

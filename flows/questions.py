@@ -111,17 +111,7 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
     for q in asked:
         q.question = clean_question(q.question)
     filter_questions(asked, {c["id"]: c["text"] for c in chunks})
-    model = cached_model(params.round_trip_model)
-    round_trip_filter(
-        asked,
-        [c["id"] for c in chunks],
-        [c["text"] for c in chunks],
-        model,
-        top_k=params.round_trip_top_k,
-        query_prompt=(model.prompts or {}).get("query") or None,
-    )
-    kept = sum(q.kept for q in asked)
-    if kept:
+    if any(q.kept for q in asked):
         split_questions(
             asked,
             test_size=params.test_size,
@@ -129,6 +119,18 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
             by=params.split_by,
             doc_of={c["id"]: c["doc_id"] for c in chunks},
         )
+    # The round trip filters training data only. Filtering the test questions by the base
+    # model's own ranking would hand the base model a test it is guaranteed to do well on.
+    model = cached_model(params.round_trip_model)
+    round_trip_filter(
+        [q for q in asked if q.kept and q.split == "train"],
+        [c["id"] for c in chunks],
+        [c["text"] for c in chunks],
+        model,
+        top_k=params.round_trip_top_k,
+        query_prompt=(model.prompts or {}).get("query") or None,
+    )
+    kept = sum(q.kept for q in asked)
     path = save_rows(ws.questions_dir, [asdict(q) for q in asked])
     summary = summarise(asked)
     rejected = {reason: n for reason, n in summary["rejected"].items() if n}

@@ -16,8 +16,7 @@ from flows.ingest import ingest
 from flows.pipeline import PipelineParams
 from flows.publish import PublishParams, publish
 from flows.questions import questions
-from tasks.store import AliasNotFound, connect, resolve_alias
-from tasks.workspace import Workspace
+from tasks.store import AliasNotFound, resolve_alias
 
 
 class RefreshResult(BaseModel):
@@ -41,12 +40,10 @@ def refresh(params: PipelineParams | None = None) -> RefreshResult:
         "publish",
         publish,
         PublishParams(
-            workspace=p.workspace,
+            **p.store_settings(),
             model=model,
             dim=dim,
             alias=p.alias,
-            chroma_host=p.chroma_host,
-            chroma_port=p.chroma_port,
         ),
     )
     new_calls = 0 if "questions" in stages.reused else asked.llm_calls
@@ -63,10 +60,7 @@ def refresh(params: PipelineParams | None = None) -> RefreshResult:
 def _live_model(p: PipelineParams) -> tuple[str | None, int | None]:
     """The model and dimension readers use now; before the first publish, the publish
     flow's own default (the newest tuned model at full width)."""
-    ws = Workspace.at(p.workspace)
-    client = connect(
-        None if p.chroma_host else ws.chroma_dir, host=p.chroma_host, port=p.chroma_port
-    )
+    client = p.open_store()
     try:
         metadata = resolve_alias(client, p.alias).metadata or {}
     except AliasNotFound:

@@ -21,11 +21,14 @@ if TYPE_CHECKING:
     from chromadb.api import ClientAPI
 
 
-class SearchParams(BaseModel):
+class StoreParams(BaseModel):
+    """Where the Chroma store is: a folder in the workspace, or a `chroma run` server.
+
+    Every flow that reads or writes the store takes these fields, so one setting points the
+    whole pipeline, publishing and search at the same place.
+    """
+
     workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    query: str = Field(..., description="What to search for, in plain words.")
-    k: int = Field(5, ge=1, le=100, description="How many chunks to return.")
-    alias: str = Field("docs", description="Stable name of the published collection.")
     chroma_path: str | None = Field(
         None, description="Embedded Chroma folder; blank: the workspace's chroma/."
     )
@@ -37,25 +40,29 @@ class SearchParams(BaseModel):
         None, description="Environment variable holding the Chroma server's auth token."
     )
 
+    def store_settings(self) -> dict[str, Any]:
+        """Just these fields, to hand on to another flow's parameters."""
+        return self.model_dump(include=set(StoreParams.model_fields))
 
-def open_store(
-    workspace: str,
-    chroma_path: str | None = None,
-    chroma_host: str | None = None,
-    chroma_port: int = 8000,
-    chroma_token_env: str | None = None,
-) -> ClientAPI:
-    """The store that flow settings name: a server when a host is set, else an embedded folder."""
-    token = None
-    if chroma_token_env:
-        token = os.environ.get(chroma_token_env)
-        if not token:
-            raise store.StoreError(
-                f"chroma_token_env={chroma_token_env!r}, but that environment variable is empty"
-            )
-    if chroma_host:
-        return store.connect(host=chroma_host, port=chroma_port, token=token)
-    return store.connect(chroma_path or Workspace.at(workspace).chroma_dir)
+    def open_store(self) -> ClientAPI:
+        """A server client when a host is set, else the embedded folder."""
+        token = None
+        if self.chroma_token_env:
+            token = os.environ.get(self.chroma_token_env)
+            if not token:
+                raise store.StoreError(
+                    f"chroma_token_env={self.chroma_token_env!r}, "
+                    "but that environment variable is empty"
+                )
+        if self.chroma_host:
+            return store.connect(host=self.chroma_host, port=self.chroma_port, token=token)
+        return store.connect(self.chroma_path or Workspace.at(self.workspace).chroma_dir)
+
+
+class SearchParams(StoreParams):
+    query: str = Field(..., description="What to search for, in plain words.")
+    k: int = Field(5, ge=1, le=100, description="How many chunks to return.")
+    alias: str = Field("docs", description="Stable name of the published collection.")
 
 
 def format_hits(hits: Iterable[store.Hit | Mapping[str, Any]], width: int = 160) -> str:
@@ -78,13 +85,7 @@ def format_hits(hits: Iterable[store.Hit | Mapping[str, Any]], width: int = 160)
 @flow(name="search", log_prints=True)
 def search(params: SearchParams) -> list[dict[str, Any]]:
     """Embed the query like the live collection's documents and return the top k chunks."""
-    client = open_store(
-        params.workspace,
-        params.chroma_path,
-        params.chroma_host,
-        params.chroma_port,
-        params.chroma_token_env,
-    )
+    client = params.open_store()
     hits = store.search(client, params.alias, params.query, k=params.k)
     print(format_hits(hits))
     return [asdict(hit) for hit in hits]

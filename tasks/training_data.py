@@ -15,6 +15,8 @@ from typing import Any
 
 from datasets import Dataset
 
+from tasks.workspace import rows_to_dataset
+
 #: Accepted names for each training column, in order of preference.
 ALIASES: dict[str, tuple[str, ...]] = {
     "anchor": ("anchor", "query", "question", "sentence_0", "sentence1"),
@@ -77,7 +79,7 @@ def normalise_columns(rows: list[dict[str, Any]], source: str) -> Dataset:
         out.append(record)
     if not out:
         raise ValueError(f"{source} has no rows with both an anchor and a positive")
-    return Dataset.from_list(out)
+    return rows_to_dataset(out)
 
 
 def pairs_from_questions(
@@ -100,7 +102,7 @@ def pairs_from_questions(
             f"no kept questions in the {split!r} split: generate questions first, or lower the "
             "round-trip filter's strictness."
         )
-    return Dataset.from_list(rows)
+    return rows_to_dataset(rows)
 
 
 def held_out_queries(

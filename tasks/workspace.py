@@ -13,7 +13,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 DEFAULT_WORKSPACE = "workspace"
 
@@ -67,17 +70,30 @@ def save_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     Written to a sibling folder first and renamed, so a crash never leaves a half-written set
     where the next stage would read it.
     """
-    from datasets import Dataset
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         _rmtree(tmp)
-    Dataset.from_list(rows).save_to_disk(str(tmp))
+    rows_to_dataset(rows).save_to_disk(str(tmp))
     if path.exists():
         _rmtree(path)
     tmp.rename(path)
     return path
+
+
+def rows_to_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    """`Dataset.from_list` with a random fingerprint instead of a hashed one.
+
+    `datasets` fingerprints a new dataset by pickling its table with dill, and dill disassembles
+    functions by printing them; inside a Prefect run with `log_prints` every line of that
+    bytecode lands in the run log. ragtune never relies on `datasets`' transform cache, so a
+    random fingerprint loses nothing.
+    """
+    from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable.from_pylist(rows), fingerprint=generate_random_fingerprint())
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

@@ -167,6 +167,7 @@ def test_questions_are_cleaned_filtered_split_saved_and_reported(prefect_api, ch
         generator_settings={"api_key": SECRET},
         round_trip_top_k=1,
         test_size=0.25,
+        seed=43,  # puts the bitcoin chunk, with its off-topic question, in train
     )
     result, artifacts = run(params, gen)
 
@@ -208,6 +209,22 @@ def test_questions_are_cleaned_filtered_split_saved_and_reported(prefect_api, ch
     assert "## Samples" in report and "## Tokens spent by this run" in report
     assert "401 for https://llm.test/v1?key=***" in report
     assert all(SECRET not in str(a["data"]) for a in artifacts)
+
+
+def test_held_out_questions_are_never_judged_by_the_base_model(prefect_api, chunked):
+    """The round trip keeps training data clean; applied to the test split it would keep only
+    questions the base model already answers, and the evaluation would flatter the base."""
+    params = QuestionParams(
+        workspace=str(chunked.root),
+        round_trip_top_k=1,
+        test_size=0.25,
+        seed=42,  # puts the bitcoin chunk, with its off-topic question, in test
+    )
+    run(params, generator())
+    rows = load_rows(chunked.questions_dir)
+    off_topic = next(r for r in rows if r["question"].startswith("How long should an espresso"))
+    assert (off_topic["split"], off_topic["kept"]) == ("test", True)
+    assert all(r["split"] == "train" for r in rows if r["reject_reason"] == "round_trip")
 
 
 def test_a_second_run_asks_only_about_chunks_that_failed_and_can_split_by_document(
@@ -297,6 +314,7 @@ def test_the_flow_builds_its_generator_by_name_and_never_pays_twice(
         generator_settings={"base_url": base_url, "model": "scripted", "show_progress": False},
         questions_per_chunk=4,
         round_trip_top_k=1,
+        seed=43,  # puts the bitcoin chunk, with its off-topic question, in train
     )
     first = questions(params)
     assert sorted(asked) == sorted(text for _, text, _ in CORPUS.values())
