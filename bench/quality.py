@@ -134,6 +134,9 @@ def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace
     settings: dict[str, Any] = {"batch_size": args.gen_batch_size}
     if args.few_shot_mode == "example_queries" and split.examples:
         settings["example_queries"] = split.examples
+    if args.few_shot_mode == "pairs" and split.example_pairs:
+        settings["few_shot"] = split.example_pairs
+        settings["max_passage_chars"] = args.max_passage_chars
     params = QuestionParams(
         workspace=str(ws.root),
         generator="local",
@@ -142,6 +145,8 @@ def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace
         max_chunks=args.chunks,
         round_trip_top_k=args.round_trip_top_k,
         round_trip_model=args.base_model,
+        # Claims are statements: in pairs mode the examples show that style, so keep it.
+        questions_only=args.few_shot_mode != "pairs",
         test_size=0.0,
         seed=args.seed,
     )
@@ -321,10 +326,15 @@ def main() -> None:
     parser.add_argument("--few-shot", type=int, default=8, help="Claims shown as examples.")
     parser.add_argument(
         "--few-shot-mode",
-        choices=("example_queries", "none"),
+        choices=("example_queries", "pairs", "none"),
         default="example_queries",
-        help="example_queries: the claims set the style; none: the generic pool only (the "
+        help="example_queries: the claims set the style above the generic (passage, question) "
+        "examples; pairs: the claims with their judged abstracts are the examples "
+        "(Promptagator), and generated statements are kept; none: the generic pool only (the "
         "claims are still held out, so every variant is scored on the same queries).",
+    )
+    parser.add_argument(
+        "--max-passage-chars", type=int, default=800, help="Prompt cut, pairs mode (speed)."
     )
     parser.add_argument("--round-trip-top-k", type=int, default=10)
     parser.add_argument("--recipe", default="matryoshka-mnrl")

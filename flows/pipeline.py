@@ -46,6 +46,11 @@ class PipelineParams(StoreParams):
     )
     questions_per_chunk: int | None = Field(None, description="Questions asked per chunk.")
     max_chunks: int | None = Field(None, description="Generate for at most this many chunks.")
+    questions_only: bool = Field(
+        True,
+        description="Keep only generated lines ending in '?'; off for statement or keyword "
+        "queries.",
+    )
     recipe: str | None = Field(None, description="Training recipe, e.g. matryoshka-mnrl.")
     epochs: int | None = Field(None, description="Training epochs.")
     batch_size: int | None = Field(None, description="Training batch size.")
@@ -90,6 +95,7 @@ class PipelineParams(StoreParams):
             generator_settings=self.generator_settings,
             questions_per_chunk=self.questions_per_chunk,
             max_chunks=self.max_chunks,
+            questions_only=self.questions_only,
             round_trip_model=self.base_model,
             seed=self.seed,
         )

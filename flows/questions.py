@@ -51,6 +51,12 @@ class QuestionParams(BaseModel):
     round_trip_model: str = Field(
         MINILM, description="The base embedding model used for the round-trip filter."
     )
+    questions_only: bool = Field(
+        True,
+        description="Keep only generated lines that end with '?'. Turn off when your users "
+        "search with statements or keywords (claims, titles) and the few-shot examples in "
+        "generator_settings show that style.",
+    )
     test_size: float = Field(0.2, ge=0, lt=1, description="Share of questions held out for test.")
     split_by: Literal["chunk", "document"] = Field(
         "chunk", description="Keep each chunk (or each whole document) on one side of the split."
@@ -110,7 +116,9 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
 
     for q in asked:
         q.question = clean_question(q.question)
-    filter_questions(asked, {c["id"]: c["text"] for c in chunks})
+    filter_questions(
+        asked, {c["id"]: c["text"] for c in chunks}, questions_only=params.questions_only
+    )
     if any(q.kept for q in asked):
         split_questions(
             asked,

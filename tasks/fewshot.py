@@ -110,6 +110,8 @@ class LabelledSplit:
     #: query ids shown to the generator as examples, and their texts
     example_ids: list[str]
     examples: list[str]
+    #: (judged passage, claim) for each example with a judgement: Promptagator's few-shot pairs
+    example_pairs: list[tuple[str, str]]
     #: everything else: the queries that are evaluated, with their judgements
     queries: dict[str, str]
     relevant: dict[str, set[str]]
@@ -126,6 +128,11 @@ def labelled_split(
         corpus=corpus,
         example_ids=example_ids,
         examples=[queries[qid] for qid in example_ids],
+        example_pairs=[
+            (corpus[min(relevant[qid] & corpus.keys())], queries[qid])
+            for qid in example_ids
+            if relevant.get(qid, set()) & corpus.keys()
+        ],
         queries=kept,
         relevant=judged,
     )

@@ -115,12 +115,14 @@ def filter_questions(
     max_chars: int = 300,
     max_copied_words: int = 8,
     near_dup_threshold: float = 0.85,
+    questions_only: bool = True,
 ) -> list[Question]:
     """Mark questions that fail the text filters as rejected, in place, and return the list.
 
     - `empty`, `too_short`, `too_long`: length of the question in characters.
     - `not_a_question`: it does not end with a question mark (models also emit statements,
-      answers and instructions).
+      answers and instructions). Off with `questions_only=False`, for users whose real queries
+      are statements or keywords (claims, titles) and whose few-shot examples show that style.
     - `copies_passage`: it shares more than `max_copied_words` consecutive words with its own
       chunk; such questions teach lexical matching, which the base model already does.
     - `duplicate`: same words as an earlier kept question (case and punctuation ignored), across
@@ -145,7 +147,7 @@ def filter_questions(
             q.reject("too_short")
         elif len(text) > max_chars:
             q.reject("too_long")
-        elif not text.rstrip(_QUOTES + " )").endswith("?"):
+        elif questions_only and not text.rstrip(_QUOTES + " )").endswith("?"):
             q.reject("not_a_question")
         else:
             if q.chunk_id not in passage_ngrams:

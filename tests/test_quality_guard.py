@@ -39,6 +39,16 @@ def test_a_claim_used_as_an_example_never_appears_in_the_evaluated_queries(seed)
     assert set(split.relevant) == set(split.queries)
 
 
+def test_example_pairs_pair_each_shown_claim_with_a_passage_judged_relevant_to_it():
+    corpus, _, relevant = load_beir(BEIR_TINY, "test")
+
+    split = labelled_split(BEIR_TINY, "test", k=4, seed=3)
+
+    assert [claim for _, claim in split.example_pairs] == split.examples
+    for (passage, _), qid in zip(split.example_pairs, split.example_ids, strict=True):
+        assert passage in {corpus[doc] for doc in relevant[qid]}
+
+
 def test_the_choice_is_reproducible_and_follows_the_seed():
     _, queries, _ = load_beir(BEIR_TINY, "test")
 

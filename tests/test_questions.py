@@ -98,6 +98,18 @@ def test_length_and_form_filters_give_their_reason():
     assert [x.kept for x in questions] == [False] * 5 + [True]
 
 
+def test_statements_are_kept_when_users_search_with_statements():
+    claims = [
+        q("Chlorophyll absorbs mostly green light."),
+        q("Plants make sugar from sunlight and water"),
+        q("Why light?"),
+    ]
+
+    filter_questions(claims, PASSAGES, questions_only=False)
+
+    assert [x.reject_reason for x in claims] == [None, None, "too_short"]
+
+
 def test_a_question_copying_a_long_run_of_its_passage_is_rejected():
     copied = "Does the plant use that energy to turn carbon dioxide and water into glucose?"
     short_overlap = "Which gas does the plant release as a by-product?"
