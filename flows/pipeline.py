@@ -21,10 +21,11 @@ from flows.ingest import IngestParams, ingest
 from flows.profiles import ProfileName, profile_defaults
 from flows.publish import PublishParams, publish
 from flows.questions import QuestionParams, questions
+from flows.runners import RunnerParams
 from flows.search import StoreParams
 
 
-class PipelineParams(StoreParams):
+class PipelineParams(StoreParams, RunnerParams):
     """What a user sets for a whole run; blank fields take the profile's default."""
 
     profile: ProfileName = Field(
@@ -90,6 +91,7 @@ class PipelineParams(StoreParams):
 
     def question_params(self) -> QuestionParams:
         return QuestionParams(
+            **self.runner_settings(),
             workspace=self.workspace,
             generator=self.generator,
             generator_settings=self.generator_settings,
@@ -165,6 +167,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
             publish,
             PublishParams(
                 **p.store_settings(),
+                **p.runner_settings(),
                 model=tuned.model_path,
                 dim=judged.dim,
                 alias=p.alias,

@@ -3,27 +3,37 @@
 The work (versioned collection, copy-not-re-embed, count check, alias swap, pruning) is in
 `tasks.store.publish`; this flow chooses defaults (the newest model in the workspace at its full
 width, the model's own prompts), takes the one publisher slot, and reports to the dashboard.
+With `task_runner="dask"` the chunks that need embedding are encoded in shards on Dask workers
+(`flows.runners`); the store is written from this process only.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from prefect import flow
+import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.runners import RunnerParams, started_on_first_use
 from flows.search import StoreParams
 from tasks import store
-from tasks.models import load_model
+from tasks.models import cached_model, load_model
 from tasks.workspace import Workspace, load_rows
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
 #: The Prefect global concurrency limit that lets one publisher run at a time.
 PUBLISH_LIMIT = "ragtune-publish"
 
 
-class PublishParams(StoreParams):
+class PublishParams(StoreParams, RunnerParams):
     model: str | None = Field(
         None,
         description="Embedding model (folder, bundled name or hub id); blank: the newest model "
@@ -86,6 +96,43 @@ def ensure_publish_limit() -> None:
                 )
 
 
+@task(name="embed-shard", cache_policy=NO_CACHE, persist_result=False)
+def embed_shard(model_ref: str, texts: list[str], prompt: str, dim: int) -> np.ndarray:
+    """One shard of texts, on whichever worker runs it (the model loads once per process)."""
+    return store.embed(cached_model(model_ref), texts, prompt, dim)
+
+
+def embed_on(
+    runner: Callable[[], DaskTaskRunner], model_ref: str, prompt: str, dim: int
+) -> store.EmbedTexts:
+    """Embed texts as one `embed_shard` task per worker thread of the Dask cluster, in order.
+
+    Workers load the model by reference, so a folder must be at the same path on every worker
+    (a shared volume), or be a hub id the workers can load.
+    """
+    model_ref = store.portable_ref(model_ref)
+
+    def run(texts: list[str]) -> np.ndarray:
+        dask = runner()
+        slots = max(1, sum(dask.client.nthreads().values()))
+        size = -(-len(texts) // slots)
+        futures = [
+            dask.submit(
+                embed_shard,
+                {
+                    "model_ref": model_ref,
+                    "texts": texts[i : i + size],
+                    "prompt": prompt,
+                    "dim": dim,
+                },
+            )
+            for i in range(0, len(texts), size)
+        ]
+        return np.concatenate([future.result() for future in futures])
+
+    return run
+
+
 @flow(name="publish", log_prints=True)
 def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: B008
     """Publish the workspace's chunks as a complete new version and swap the alias to it."""
@@ -102,7 +149,8 @@ def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: 
     print(f"publishing {len(chunks)} chunks with {model_ref} at dim {dim} as {params.alias!r}")
 
     ensure_publish_limit()
-    with concurrency(PUBLISH_LIMIT, occupy=1, strict=True):
+    runner = params.dask_runner()
+    with concurrency(PUBLISH_LIMIT, occupy=1, strict=True), contextlib.ExitStack() as stack:
         done = store.publish(
             client,
             chunks,
@@ -116,6 +164,11 @@ def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: 
             metrics=params.metrics,
             keep_versions=params.keep_versions,
             progress=progress_artifact("publish", f"Embedding and storing {len(chunks)} chunks"),
+            embed_texts=embed_on(
+                started_on_first_use(stack, runner), model_ref, document_prompt, dim
+            )
+            if runner
+            else None,
         )
 
     result = PublishResult(

@@ -4,23 +4,29 @@ Builds the generator named in the parameters, asks it about chunks the cache has
 cleans and filters what comes back (text filters, then the round trip through the base
 embedding model), splits by chunk or document, and saves every question, kept or rejected with
 its reason, to `questions/`. The dashboard gets a progress bar while generating and a summary
-with counts, reasons, samples and token totals.
+with counts, reasons, samples and token totals. With `task_runner="dask"` the generation batches
+run as Prefect tasks on Dask workers (`flows.runners`); cleaning and filtering stay here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
-from tasks.generators import QuestionGenerator, make_generator
+from flows.runners import RunnerParams, started_on_first_use
+from tasks.generators import Generation, QuestionGenerator, make_generator
 from tasks.models import MINILM, cached_model
-from tasks.question_cache import QuestionCache, generate_with_cache
+from tasks.question_cache import QuestionCache, RunBatches, generate_with_cache
 from tasks.questions import (
     Question,
     clean_question,
@@ -32,9 +38,11 @@ from tasks.questions import (
 )
 from tasks.workspace import Workspace, load_rows, save_rows
 
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
-class QuestionParams(BaseModel):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+
+class QuestionParams(RunnerParams):
     generator: str = Field("local", description="Question generator: local (bundled) or api.")
     generator_settings: dict[str, Any] = Field(
         default_factory=dict,
@@ -62,6 +70,17 @@ class QuestionParams(BaseModel):
         "chunk", description="Keep each chunk (or each whole document) on one side of the split."
     )
     seed: int = Field(42, description="Seed for the chunk sample, the generator and the split.")
+    generation_batch: int = Field(
+        16,
+        ge=1,
+        description="Chunks per generation batch: the question cache is written batch by batch, "
+        "and with task_runner=dask each batch is one task on a worker.",
+    )
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        """The settings the generator is built with: n and seed from these parameters, then
+        the user's own settings."""
+        return {"n": self.questions_per_chunk, "seed": self.seed, **self.generator_settings}
 
 
 class QuestionsResult(BaseModel):
@@ -82,8 +101,52 @@ class QuestionsResult(BaseModel):
 @flow(name="questions", log_prints=True)
 def questions(params: QuestionParams = QuestionParams()) -> QuestionsResult:  # noqa: B008
     """Generate, filter and split questions about the workspace's chunks."""
-    settings = {"n": params.questions_per_chunk, "seed": params.seed, **params.generator_settings}
-    return ask(params, make_generator(params.generator, **settings))
+    return ask(params, make_generator(params.generator, **params.generator_kwargs()))
+
+
+@task(name="generate-questions", cache_policy=NO_CACHE, persist_result=False)
+def generate_batch(
+    generator: str, settings: dict[str, Any], fingerprint: str, passages: list[str]
+) -> list[Generation]:
+    """One batch of passages, on whichever worker runs it.
+
+    The worker builds the generator from its name and settings (a local model loads once per
+    worker process; an API key is read from the worker's own environment). Its fingerprint must
+    match the flow's, or the flow would cache these questions under another generator's key.
+    """
+    built = make_generator(generator, **settings)
+    if built.fingerprint() != fingerprint:
+        raise RuntimeError(
+            f"the {generator!r} generator on this worker has fingerprint {built.fingerprint()}, "
+            f"the flow's has {fingerprint}: run the same ragtune version on workers and flow"
+        )
+    return built.generate(passages)
+
+
+def on_runner(
+    runner: Callable[[], DaskTaskRunner], params: QuestionParams, fingerprint: str
+) -> RunBatches:
+    """Run generation batches as `generate_batch` tasks on `runner()`, yielding each as it ends."""
+    settings = params.generator_kwargs()
+
+    def run(batches: list[list[str]]) -> Iterator[tuple[int, list[Generation]]]:
+        submit = runner().submit
+        index = {
+            submit(
+                generate_batch,
+                {
+                    "generator": params.generator,
+                    "settings": settings,
+                    "fingerprint": fingerprint,
+                    "passages": passages,
+                },
+            ): i
+            for i, passages in enumerate(batches)
+        }
+        for future in as_completed(list(index)):
+            yield index[future], future.result()
+
+    return run
 
 
 def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult:
@@ -101,12 +164,22 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
         f"asking {generator.name} (fingerprint {generator.fingerprint()}) about "
         f"{len(chosen)} of {len(chunks)} chunks"
     )
-    asked, stats = generate_with_cache(
-        chosen,
-        generator,
-        QuestionCache(ws.question_cache),
-        progress=progress_artifact("questions-generation", "Chunks with generated questions"),
-    )
+    progress = progress_artifact("questions-generation", "Chunks with generated questions")
+    cache = QuestionCache(ws.question_cache)
+    runner = params.dask_runner()
+    with contextlib.ExitStack() as stack:
+        asked, stats = generate_with_cache(
+            chosen,
+            generator,
+            cache,
+            batch_size=params.generation_batch,
+            progress=progress,
+            run_batches=on_runner(
+                started_on_first_use(stack, runner), params, generator.fingerprint()
+            )
+            if runner
+            else None,
+        )
     print(
         f"{stats['cached']} chunks from the cache, {stats['llm_calls']} sent to the generator, "
         f"{stats['failed']} failed"

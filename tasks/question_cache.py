@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from tasks.generators import Generation
 from tasks.questions import Question
 
 Progress = Callable[[int, int], None]
+#: runs batches of passages somewhere and yields (batch index, generations) as each finishes
+RunBatches = Callable[[list[list[str]]], Iterable[tuple[int, list[Generation]]]]
 
 
 class QuestionCache:
@@ -109,12 +111,18 @@ def generate_with_cache(
     cache: QuestionCache,
     batch_size: int = 16,
     progress: Progress | None = None,
+    run_batches: RunBatches | None = None,
 ) -> tuple[list[Question], dict[str, Any]]:
     """Questions for every chunk, generating only for chunks the cache does not hold.
 
     Missing chunks go to `generator.generate` in batches of `batch_size`, and each batch is in
-    the cache before the next is sent, so an interrupted run loses at most one batch. A failed
-    generation (its `error` set) is counted, not cached, so the next run retries it.
+    the cache as soon as it is back, so an interrupted run loses at most the batches in flight.
+    A failed generation (its `error` set) is counted, not cached, so the next run retries it.
+
+    `run_batches` runs the batches elsewhere (e.g. on Dask workers): it gets every batch's
+    passages and yields `(batch index, generations)` in any order. By default the batches run
+    here, one after another. Either way a batch holds the same passages, and results are put
+    back in chunk order, so where the batches ran does not change the output.
 
     Returns the raw questions (uncleaned, in chunk order) and stats: `chunks`, `cached`,
     `llm_calls` (passages sent to the generator), `failed`, `errors` (a few distinct messages),
@@ -146,11 +154,20 @@ def generate_with_cache(
     total = len(unique)
     if progress:
         progress(len(results), total)
-    for start in range(0, len(missing), batch_size):
-        batch = missing[start : start + batch_size]
-        done = len(results) + stats["failed"]
-        step = (lambda d, t, done=done: progress(done + d, total)) if progress else None
-        generations = generator.generate([unique[c] for c in batch], progress=step)
+    batches = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
+
+    def here() -> Iterator[tuple[int, list[Generation]]]:
+        for index, batch in enumerate(batches):
+            done = len(results) + stats["failed"]
+            step = (lambda d, t, done=done: progress(done + d, total)) if progress else None
+            yield index, generator.generate([unique[c] for c in batch], progress=step)
+
+    if run_batches is not None and batches:
+        finished = run_batches([[unique[c] for c in batch] for batch in batches])
+    else:
+        finished = here()
+    for index, generations in finished:
+        batch = batches[index]
         if len(generations) != len(batch):
             raise RuntimeError(
                 f"generator {generator.name!r} returned {len(generations)} results "

@@ -48,6 +48,8 @@ DEFAULT_BATCH = 512
 _META_KEYS = ("doc_id", "source", "page_start", "page_end", "n_tokens")
 
 Progress = Callable[[int, int], None]
+#: texts -> their document vectors, made elsewhere (e.g. on Dask workers)
+EmbedTexts = Callable[[list[str]], np.ndarray]
 
 
 class StoreError(RuntimeError):
@@ -424,6 +426,7 @@ def publish(
     batch_size: int | None = None,
     progress: Progress | None = None,
     model_id: str | None = None,
+    embed_texts: EmbedTexts | None = None,
 ) -> PublishResult:
     """Publish chunks as a complete versioned collection, then point `alias` at it.
 
@@ -433,6 +436,8 @@ def publish(
     moves only after a count check proves the collection complete. Versions beyond
     `keep_versions` are deleted, never the live or the previous one, nor one another alias uses.
     `model_id` identifies the weights (default: a hash of the model folder's weight files).
+    `embed_texts` computes the vectors for chunks that need them somewhere else (e.g. shards on
+    Dask workers); it must return what `embed(model, texts, document_prompt, dim)` would.
     """
     from tqdm.auto import tqdm
 
@@ -495,7 +500,14 @@ def publish(
             copied += len(vectors)
             fresh = [r for r in part if str(r["id"]) not in vectors]
             if fresh:
-                made = embed(model, [str(r["text"]) for r in fresh], document_prompt, dim)
+                texts = [str(r["text"]) for r in fresh]
+                made = (
+                    embed_texts(texts)
+                    if embed_texts is not None
+                    else embed(model, texts, document_prompt, dim)
+                )
+                if len(made) != len(fresh):
+                    raise StoreError(f"embed_texts returned {len(made)} vectors for {len(fresh)}")
                 vectors.update(zip((str(r["id"]) for r in fresh), made, strict=True))
                 embedded += len(fresh)
             collection.upsert(
