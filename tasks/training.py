@@ -52,13 +52,14 @@ class Recipe:
     loss: str
     batch_size: int
     epochs: int
-    learning_rate: float
-    query_prompt: str | None
-    document_prompt: str | None
-    matryoshka: bool
-    needs_negatives: bool
+    #: the seed model card the recipe reproduces, if any
     seed_card: str | None
     description: str = ""
+    learning_rate: float = 5e-5
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+    matryoshka: bool = False
+    needs_negatives: bool = False
     scale: float = 20.0
     margin: float = 5.0
     mini_batch_size: int = 32
@@ -83,11 +84,7 @@ RECIPES: dict[str, Recipe] = {
             loss="MultipleNegativesRankingLoss",
             batch_size=20,
             epochs=5,
-            learning_rate=5e-5,
-            query_prompt=None,
-            document_prompt=None,
             matryoshka=True,
-            needs_negatives=False,
             seed_card="003",
             description="MatryoshkaLoss(MNRL) from the model width down to 64, equal weights.",
         ),
@@ -96,11 +93,8 @@ RECIPES: dict[str, Recipe] = {
             loss="MultipleNegativesRankingLoss",
             batch_size=16,
             epochs=1,
-            learning_rate=5e-5,
             query_prompt="query: ",
             document_prompt="passage: ",
-            matryoshka=False,
-            needs_negatives=False,
             seed_card="001",
             description="MNRL with 'query: ' / 'passage: ' prefixes (E5 style).",
         ),
@@ -109,11 +103,6 @@ RECIPES: dict[str, Recipe] = {
             loss="MultipleNegativesRankingLoss",
             batch_size=16,
             epochs=10,
-            learning_rate=5e-5,
-            query_prompt=None,
-            document_prompt=None,
-            matryoshka=False,
-            needs_negatives=False,
             seed_card="002",
             description="Plain MNRL, scale 20, cosine similarity.",
         ),
@@ -122,11 +111,7 @@ RECIPES: dict[str, Recipe] = {
             loss="MultipleNegativesRankingLoss",
             batch_size=32,
             epochs=1,
-            learning_rate=5e-5,
             query_prompt=BGE_QUERY_INSTRUCTION,
-            document_prompt=None,
-            matryoshka=False,
-            needs_negatives=False,
             seed_card="004",
             description="MNRL with the BGE retrieval instruction on queries only.",
         ),
@@ -135,10 +120,6 @@ RECIPES: dict[str, Recipe] = {
             loss="TripletLoss",
             batch_size=64,
             epochs=5,
-            learning_rate=5e-5,
-            query_prompt=None,
-            document_prompt=None,
-            matryoshka=False,
             needs_negatives=True,
             seed_card="000",
             description="TripletLoss, Euclidean distance, margin 5, with mined hard negatives.",
@@ -148,11 +129,6 @@ RECIPES: dict[str, Recipe] = {
             loss="CachedMultipleNegativesRankingLoss",
             batch_size=64,
             epochs=1,
-            learning_rate=5e-5,
-            query_prompt=None,
-            document_prompt=None,
-            matryoshka=False,
-            needs_negatives=False,
             seed_card=None,
             description="MNRL with gradient caching: big batches in little memory (not faster).",
             mini_batch_size=16,
@@ -162,11 +138,6 @@ RECIPES: dict[str, Recipe] = {
             loss="GISTEmbedLoss",
             batch_size=32,
             epochs=1,
-            learning_rate=5e-5,
-            query_prompt=None,
-            document_prompt=None,
-            matryoshka=False,
-            needs_negatives=False,
             seed_card=None,
             description="GISTEmbed: a guide model (the base model) drops in-batch false negatives.",
         ),
