@@ -78,6 +78,8 @@ def test_dask_runner_generates_the_same_questions_as_the_default_runner(
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="generate-questions"))
         )
     assert len(batches) == 2 and all(run.state.is_completed() for run in batches)
+    first, second = sorted(batches, key=lambda run: run.start_time)
+    assert second.start_time < first.end_time, "one worker per batch: the two ran side by side"
     # Each batch went to the cache as it came back: a re-run asks the cluster for nothing.
     again, _ = ask(workspaces["dask"], "dask")
     assert again.cached == len(rows) and again.llm_calls == 0
