@@ -131,6 +131,7 @@ def on_runner(
 
     def run(batches: list[list[str]]) -> Iterator[tuple[int, list[Generation]]]:
         submit = runner().submit
+        print(f"sending {len(batches)} generation batches to Dask")
         index = {
             submit(
                 generate_batch,
