@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from flows.runners import RUNNER_FIELDS
 from tasks.workspace import Ledger, Workspace, fingerprint, fingerprint_files
 
 R = TypeVar("R", bound=BaseModel)
@@ -42,7 +43,9 @@ class StageRunner:
         self.reused: list[str] = []
 
     def run(self, stage: str, flow: Callable[[BaseModel], R], params: BaseModel) -> R:
-        self.key = fingerprint(self.key, stage, params.model_dump(mode="json"))
+        # Where the work runs does not change what it produces, so it is not part of the key.
+        inputs = params.model_dump(mode="json", exclude=set(RUNNER_FIELDS))
+        self.key = fingerprint(self.key, stage, inputs)
         done = None if stage in ALWAYS_RUN else self.ledger.completed(stage, self.key)
         if done is not None and _outputs_exist(done):
             self.reused.append(stage)

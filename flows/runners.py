@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 TaskRunnerName = Literal["threads", "dask"]
 
 
+#: The fields that say where work runs, not what it produces.
+RUNNER_FIELDS = ("task_runner", "dask_address", "dask_workers")
+
+
 class RunnerParams(BaseModel):
     """Parameters of a stage that can fan its work out to Dask.
 
@@ -46,7 +50,7 @@ class RunnerParams(BaseModel):
 
     def runner_settings(self) -> dict[str, Any]:
         """Just the runner fields, to hand on to another flow's parameters."""
-        return self.model_dump(include={"task_runner", "dask_address", "dask_workers"})
+        return self.model_dump(include=set(RUNNER_FIELDS))
 
     def dask_runner(self) -> DaskTaskRunner | None:
         """The Dask task runner these parameters ask for, or None to work in-process."""

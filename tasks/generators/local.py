@@ -7,7 +7,10 @@ reload in a few seconds afterwards.
 
 Gemma 270M is a base model: it is prompted few-shot, with examples rotated per passage, and
 sampled (temperature 0.7, top_p 0.9). Each sequence has its own random generator seeded by the
-passage, so a passage gets the same questions whatever else shares its batch.
+passage, so in float32 a passage gets the same questions whatever else shares its batch. In
+bfloat16 it does not quite: padding a batch moves the logits by a rounding error, enough to
+change a sample now and then, so the same chunks in the same batches (as the question cache and
+the Dask runner send them) are what reproduces a run exactly.
 
 Speed on CPU (bench/RESULTS-generation.md): bfloat16 where the CPU has native support is about
 twice as fast as float32; on a busy machine one torch thread beats two by several times, so the
