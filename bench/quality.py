@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             recipe=args.recipe,
             epochs=args.epochs,
             batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
             max_seq_length=args.max_seq_length,
             seed=args.seed,
         )
@@ -340,6 +341,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="matryoshka-mnrl")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
