@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +43,13 @@ def workspace(tmp_path):
     from tasks.workspace import Workspace
 
     return Workspace.at(tmp_path / "workspace")
+
+
+def save_with_prompts(model, folder: Path, prompts: dict[str, str]) -> Path:
+    """Save `model` to `folder` with these prompts in its config, as the finetune flow does."""
+    model.save(str(folder))
+    config = folder / "config_sentence_transformers.json"
+    settings = json.loads(config.read_text())
+    settings["prompts"] = prompts
+    config.write_text(json.dumps(settings))
+    return folder

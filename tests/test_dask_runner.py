@@ -9,8 +9,6 @@ would hand the second run the first run's questions.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -18,6 +16,7 @@ from flows.publish import PublishParams, publish
 from flows.questions import QuestionParams, questions
 from tasks import store
 from tasks.workspace import Workspace, load_rows, save_rows
+from tests.conftest import save_with_prompts
 from tests.test_store import nist_rows
 
 RUNNERS = {
@@ -90,12 +89,8 @@ def test_dask_runner_publishes_the_same_embeddings_as_the_default_runner(
 ):
     published = {}
     for runner, ws in workspaces.items():
-        folder = ws.model_dir("m")
-        minilm.save(str(folder))
-        config = folder / "config_sentence_transformers.json"
-        settings = json.loads(config.read_text())
-        settings["prompts"] = {"query": "query: ", "document": "passage: "}
-        config.write_text(json.dumps(settings))
+        prompts = {"query": "query: ", "document": "passage: "}
+        save_with_prompts(minilm, ws.model_dir("m"), prompts)
         result = publish(PublishParams(workspace=str(ws.root), dim=256, **RUNNERS[runner]))
         assert result.embedded == len(rows) and result.count == len(rows)
         got = store.resolve_alias(store.connect(ws.chroma_dir), "docs").get(include=["embeddings"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from flows.publish import PUBLISH_LIMIT, PublishParams, publish
 from flows.search import SearchParams, format_hits, search
 from tasks import store
 from tasks.workspace import save_rows
+from tests.conftest import save_with_prompts
 from tests.test_store import nist_rows
 
 
@@ -18,12 +17,7 @@ def ready_workspace(workspace, minilm):
     """Chunks saved by ingest and a model folder saved with a query prompt, as finetune does."""
     rows = nist_rows(range(5, 8), "nist")
     save_rows(workspace.chunks_dir, rows)
-    folder = workspace.model_dir("m")
-    minilm.save(str(folder))
-    config = folder / "config_sentence_transformers.json"
-    settings = json.loads(config.read_text())
-    settings["prompts"] = {"query": "query: ", "document": ""}
-    config.write_text(json.dumps(settings))
+    save_with_prompts(minilm, workspace.model_dir("m"), {"query": "query: ", "document": ""})
     return workspace, rows
 
 
