@@ -121,14 +121,9 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
         training_report(result, name),
         description=f"Training curve and model card of {name}",
     )
-    return FinetuneResult(
-        model_path=result.model_path,
-        recipe=result.recipe,
-        dims=result.dims,
-        steps=result.steps,
-        train_pairs=result.train_pairs,
-        wall_s=result.wall_s,
-    )
+    # The task's TrainResult also carries the log history and metrics, which the report
+    # artifacts above already show; the flow's result keeps paths and counts.
+    return FinetuneResult.model_validate(result, from_attributes=True)
 
 
 def training_report(result: TrainResult, name: str) -> str:

@@ -102,6 +102,19 @@ class PipelineParams(StoreParams, RunnerParams):
             seed=self.seed,
         )
 
+    def finetune_params(self) -> FinetuneParams:
+        return FinetuneParams(
+            workspace=self.workspace,
+            base_model=self.base_model,
+            recipe=self.recipe,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_steps=self.max_steps,
+            max_seq_length=self.max_seq_length,
+            seed=self.seed,
+        )
+
 
 class PipelineResult(BaseModel):
     workspace: str
@@ -136,17 +149,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
     tuned = stages.run(
         "finetune",
         finetune,
-        FinetuneParams(
-            workspace=p.workspace,
-            base_model=p.base_model,
-            recipe=p.recipe,
-            epochs=p.epochs,
-            batch_size=p.batch_size,
-            learning_rate=p.learning_rate,
-            max_steps=p.max_steps,
-            max_seq_length=p.max_seq_length,
-            seed=p.seed,
-        ),
+        p.finetune_params(),
     )
     judged = stages.run(
         "evaluate",
