@@ -62,12 +62,15 @@ def run_pipeline(settings: dict[str, Any]):
     return pipeline(PipelineParams(**settings))
 
 
-def print_search(workspace: str, query: str, k: int, alias: str) -> list[dict[str, Any]]:
+def print_search(
+    workspace: str, query: str, k: int, alias: str, rerank: int = 0
+) -> list[dict[str, Any]]:
     """Run the search flow's body here (no flow run for a one-off query); it prints the hits."""
     from flows.search import SearchParams
     from flows.search import search as search_flow
 
-    return search_flow.fn(SearchParams(workspace=workspace, query=query, k=k, alias=alias))
+    params = SearchParams(workspace=workspace, query=query, k=k, alias=alias, rerank=rerank)
+    return search_flow.fn(params)
 
 
 def print_demo_summary(result, workspace: str) -> None:
@@ -121,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--alias", default="docs")
     search.add_argument("--workspace", default="workspace")
+    search.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Let the bundled LLM read the top N chunks and reorder them (slower, better).",
+    )
 
     sub.add_parser("serve", help="Serve every deployment in prefect.yaml from this process.")
 
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         params = params_cls(workspace=args.workspace, **parse_settings(args.set))
         print(flow_fn(params).model_dump_json(indent=2))
     elif args.command == "search":
-        print_search(args.workspace, args.query, args.k, args.alias)
+        print_search(args.workspace, args.query, args.k, args.alias, args.rerank)
     elif args.command == "serve":
         from flows.serve import main as serve
 

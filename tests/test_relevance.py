@@ -1,0 +1,78 @@
+"""Re-ranking: the bundled Gemma judges which passage a query is about, its opinion is mixed with
+the retriever's, and the search flow reorders its top hits by both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.publish import PublishParams, publish
+from flows.search import SearchParams, search
+from tasks.relevance import (
+    STATEMENT_PROMPT,
+    QueryLikelihood,
+    is_statement,
+    local_judge,
+    rerank,
+    rerank_order,
+)
+from tests.test_publish_flow import ready_workspace  # noqa: F401  (a fixture)
+
+PASSAGES = [
+    "Oslo is the capital city of Norway, at the head of the Oslofjord.",
+    "Lima is the capital city of Peru, seat of its government, on the Pacific coast.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in plants.",
+]
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return local_judge()
+
+
+def test_the_judge_finds_the_query_likeliest_after_the_passage_that_answers_it(judge):
+    peru = judge.score("What is the capital of Peru?", PASSAGES)
+    plants = judge.score("How do plants make sugar from light?", PASSAGES)
+
+    assert int(np.argmax(peru)) == 1 and int(np.argmax(plants)) == 2
+    assert all(s < 0 for s in peru + plants), "mean log-probabilities"
+
+
+def test_statements_get_the_claim_prompt_and_questions_the_question_prompt():
+    assert is_statement("Lima is the capital of Peru.") and is_statement("capital of Peru")
+    assert not is_statement("What is the capital of Peru? ")
+    assert local_judge(statements=True).prompt == STATEMENT_PROMPT
+    with pytest.raises(ValueError, match=r"must contain '\{passage\}'"):
+        QueryLikelihood(None, None, "x", prompt="no slot")
+
+
+def test_the_mixed_order_keeps_the_retrievers_at_weight_zero_and_follows_the_judge_as_it_grows():
+    base = [0.62, 0.60, 0.50]
+    judged = [-3.0, -1.0, -4.0]
+
+    assert rerank_order(base, judged, weight=0) == [0, 1, 2]
+    assert rerank_order(base, judged, weight=1) == [1, 0, 2]
+    assert rerank_order(base, [-2.0] * 3) == [0, 1, 2], "an indifferent judge changes nothing"
+    with pytest.raises(ValueError, match="3 base scores but 2 judge scores"):
+        rerank_order(base, judged[:2])
+
+
+def test_rerank_lifts_the_passage_the_judge_prefers_over_a_near_tie(judge):
+    order = rerank("What is the capital of Peru?", PASSAGES, [0.52, 0.50, 0.10], judge)
+
+    assert order[0] == 1 and sorted(order) == [0, 1, 2]
+    assert rerank("anything", [], [], judge) == []
+
+
+def test_search_flow_reranks_its_top_hits_and_returns_k(prefect_api, ready_workspace):  # noqa: F811
+    ws, rows = ready_workspace
+    publish(PublishParams(workspace=str(ws.root)))
+    target = rows[2]
+    query = target["text"][:160]
+
+    plain = search(SearchParams(workspace=str(ws.root), query=query, k=5))
+    judged = search(SearchParams(workspace=str(ws.root), query=query, k=2, rerank=5))
+
+    assert len(judged) == 2 and judged[0]["id"] == target["id"]
+    assert {h["id"] for h in judged} <= {h["id"] for h in plain}
+    assert all(h["score"] in {p["score"] for p in plain} for h in judged), "scores stay cosines"
