@@ -76,3 +76,18 @@ def test_search_flow_reranks_its_top_hits_and_returns_k(prefect_api, ready_works
     assert len(judged) == 2 and judged[0]["id"] == target["id"]
     assert {h["id"] for h in judged} <= {h["id"] for h in plain}
     assert all(h["score"] in {p["score"] for p in plain} for h in judged), "scores stay cosines"
+
+
+def test_the_search_command_reranks_with_the_judge(prefect_api, ready_workspace, capsys):  # noqa: F811
+    from flows.cli import main
+
+    ws, rows = ready_workspace
+    publish(PublishParams(workspace=str(ws.root)))
+    target = rows[0]
+
+    command = ["search", target["text"][:160], "-k", "1", "--rerank", "3"]
+    assert main([*command, "--workspace", str(ws.root)]) == 0
+
+    printed = capsys.readouterr().out
+    assert printed.startswith(" 1. ") and "nist.pdf" in printed and " 2. " not in printed
+    assert " ".join(target["text"].split())[:60] in printed
