@@ -38,7 +38,8 @@ OUT = ROOT / "bench" / "out" / "rerank"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--beir", type=Path, default=SCIFACT)
+    parser.add_argument("--beir", type=Path, default=SCIFACT, help="BEIR folder.")
+    parser.add_argument("--split", default="dev", help="qrels/<split>.tsv to evaluate on.")
     parser.add_argument("--top", type=int, default=10, help="Candidates the judge re-scores.")
     parser.add_argument(
         "--weight", type=float, default=1.0, help="The judge's weight (the default's 1.0)."
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="Only the first n claims (0: all).")
     args = parser.parse_args()
 
-    split = labelled_split(args.beir, "dev", 8, 42)
+    split = labelled_split(args.beir, args.split, 8, 42)
     query_ids = [q for q in split.queries if split.relevant.get(q)]
     if args.limit:
         query_ids = query_ids[: args.limit]
