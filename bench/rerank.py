@@ -59,9 +59,11 @@ def main() -> None:
     scores = queries @ corpus.T
 
     judges = {style: local_judge(statements=style) for style in (True, False)}
-    rankings, judged, seconds = [], [], []
+    rankings, top_scores, judged, seconds = [], [], [], []
     for row, qid in enumerate(tqdm(query_ids, desc="judging", unit="claim")):
-        rankings.append([doc_ids[i] for i in np.argsort(-scores[row])[:100]])
+        order = np.argsort(-scores[row])[:100]
+        rankings.append([doc_ids[i] for i in order])
+        top_scores.append(scores[row][order[: args.top]].tolist())
         query = split.queries[qid]
         started = time.perf_counter()
         candidates = [split.corpus[d] for d in rankings[-1][: args.top]]
@@ -72,8 +74,7 @@ def main() -> None:
         out = []
         for row, qid in enumerate(query_ids):
             ranking = rankings[row]
-            top = np.sort(scores[row])[::-1][: args.top].tolist()
-            order = rerank_order(top, judged[row], weight)
+            order = rerank_order(top_scores[row], judged[row], weight)
             reranked = [ranking[i] for i in order] + ranking[args.top :]
             out.append(ranking_metrics(reranked, split.relevant[qid])["ndcg@10"])
         return out

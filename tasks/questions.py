@@ -89,6 +89,11 @@ def clean_question(text: str) -> str:
             return text
 
 
+def is_question(text: str) -> bool:
+    """Ends with a question mark, allowing closing quotes and brackets after it."""
+    return text.rstrip(_QUOTES + " )").endswith("?")
+
+
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
@@ -147,7 +152,7 @@ def filter_questions(
             q.reject("too_short")
         elif len(text) > max_chars:
             q.reject("too_long")
-        elif questions_only and not text.rstrip(_QUOTES + " )").endswith("?"):
+        elif questions_only and not is_question(text):
             q.reject("not_a_question")
         else:
             if q.chunk_id not in passage_ngrams:

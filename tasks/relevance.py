@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.questions import is_question
+
 #: The judge reads the passage and scores the question as its continuation.
 JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
 #: For statement-style queries (claims, titles): the question would read as an odd continuation.
@@ -106,7 +108,7 @@ def rerank_order(
 def is_statement(query: str) -> bool:
     """Claims, titles and keywords do not end with a question mark; the judge is asked for
     that style, since it scores the query as the answer to its prompt."""
-    return not query.rstrip().endswith("?")
+    return not is_question(query)
 
 
 def rerank(
