@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             max_seq_length=args.max_seq_length,
+            hard_negatives=args.hard_negatives or None,
             seed=args.seed,
         )
     )
@@ -344,6 +345,11 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--hard-negatives",
+        action="store_true",
+        help="Mine a hard negative per pair from the corpus's chunks (the finetune flow's option).",
+    )
     parser.add_argument(
         "--reuse-questions",
         action="store_true",

@@ -25,6 +25,7 @@ from tasks.evaluation import (
     regressions,
 )
 from tasks.models import MINILM, load_model
+from tasks.relevance import rerank_evaluation
 from tasks.report import card_section, dim_rows, report_markdown, update_model_card, write_report
 from tasks.workspace import Workspace, load_rows
 
@@ -59,6 +60,14 @@ class EvaluateParams(BaseModel):
         None,
         description="Required mean NDCG@10 gain; default: the 95% interval's lower end above 0.",
     )
+    rerank: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Also score the tuned model with its top N re-ranked by the bundled LLM "
+        "judge at the chosen dimension (what `ragtune search --rerank N` gives; about a second "
+        "per query on CPU); 0: off.",
+    )
     run_name: str | None = Field(None, description="Report folder name; default: a timestamp.")
 
 
@@ -68,6 +77,9 @@ class EvaluateResult(BaseModel):
     dim: int
     reason: str
     metrics: dict[str, dict[int, dict[str, float]]]
+    rerank_gain: tuple[float, float, float] | None = Field(
+        None, description="NDCG@10 gain of re-ranking over the tuned model, with its interval."
+    )
 
 
 def newest_model(ws: Workspace) -> Path:
@@ -125,6 +137,7 @@ def evaluate_one(
     queries: dict[str, str],
     relevant: dict[str, set[str]],
     dims: list[int] | None = None,
+    keep_hits: bool = False,
 ) -> ModelEval:
     """Evaluate one model at `dims` (those that fit its width), or at its own Matryoshka dims."""
     model = load_model(model_ref)
@@ -140,7 +153,24 @@ def evaluate_one(
         name=name,
         model_ref=model_ref,
         progress=progress,
+        keep_hits=keep_hits,
     )
+
+
+@task(name="rerank-evaluation", cache_policy=NO_CACHE)
+def rerank_one(
+    evaluation: ModelEval,
+    dim: int,
+    corpus: dict[str, str],
+    queries: dict[str, str],
+    relevant: dict[str, set[str]],
+    top: int,
+) -> ModelEval:
+    """The evaluated model's rankings at `dim`, their top `top` re-ranked by the LLM judge."""
+    progress = progress_artifact(
+        "evaluate-rerank", f"Re-ranking {evaluation.name}'s top {top} with the LLM judge"
+    )
+    return rerank_evaluation(evaluation, dim, corpus, queries, relevant, top=top, progress=progress)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -155,7 +185,7 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
         source = "held-out generated questions"
     print(f"Evaluating on {source}: {len(queries)} queries, {len(corpus)} documents.")
 
-    tuned = evaluate_one(tuned_ref, "tuned", corpus, queries, relevant)
+    tuned = evaluate_one(tuned_ref, "tuned", corpus, queries, relevant, keep_hits=params.rerank > 0)
     base = evaluate_one(params.base_model, "base", corpus, queries, relevant, tuned.dims)
     others = [
         evaluate_one(ref, f"other-{i}", corpus, queries, relevant, tuned.dims)
@@ -166,17 +196,23 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
     intervals = intervals_by_dim(base, tuned)
     worse = regressions(base, tuned, queries, decision.dim)
     print(decision.reason)
+    notes, rerank_gain = [], None
+    if params.rerank:
+        others.append(rerank_one(tuned, decision.dim, corpus, queries, relevant, top=params.rerank))
+        rerank_gain = intervals_by_dim(tuned, others[-1])[decision.dim]
+        notes.append(rerank_note(rerank_gain, params.rerank, decision.dim, len(queries)))
+        print(notes[-1])
 
     run = params.run_name or datetime.now(UTC).strftime("eval-%Y%m%d-%H%M%S")
     evals = [base, tuned, *others]
     title = f"Retrieval on {source}"
-    paths = write_report(ws.report_dir(run), evals, decision, intervals, worse, title)
+    paths = write_report(ws.report_dir(run), evals, decision, intervals, worse, title, notes)
 
     rows = dim_rows(evals, intervals)
     table("evaluation-metrics", rows, description=f"NDCG@10 and MRR@10 per dimension ({run})")
     markdown(
         "evaluation-report",
-        report_markdown(evals, decision, intervals, worse, title),
+        report_markdown(evals, decision, intervals, worse, title, notes=notes),
         description=f"Gate decision and report ({run}); files in {paths['report'].parent}",
     )
 
@@ -206,4 +242,16 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
         dim=decision.dim,
         reason=decision.reason,
         metrics={e.name: e.metrics for e in evals},
+        rerank_gain=rerank_gain,
+    )
+
+
+def rerank_note(gain: tuple[float, float, float], top: int, dim: int, n_queries: int) -> str:
+    """One sentence for the report: what the judge adds on top of the tuned model."""
+    mean, low, high = gain
+    return (
+        f"**Re-ranking.** The LLM judge re-ranking the tuned model's top {top} at dim {dim} "
+        f"changes NDCG@10 by {mean:+.4f} (95% paired bootstrap interval [{low:+.4f}, "
+        f"{high:+.4f}] over {n_queries} queries); turn it on at query time with "
+        f"`ragtune search --rerank {top}`."
     )

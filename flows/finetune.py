@@ -44,7 +44,9 @@ class FinetuneParams(BaseModel):
         None, description="Truncate training inputs to this many tokens (~128 is faster on CPU)."
     )
     hard_negatives: bool | None = Field(
-        None, description="Mine hard negatives; blank: only when the recipe needs them."
+        None,
+        description="Mine hard negatives from the workspace's chunks; blank: only when the "
+        "recipe needs them.",
     )
     output_name: str | None = Field(
         None, description="Folder name under models/; blank: derived from model, recipe, data."
@@ -112,6 +114,7 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
         eval_queries=queries or None,
         eval_relevant=relevant or None,
         hard_negatives=params.hard_negatives,
+        negatives_from=list(chunks.values()) or None,
         data_fingerprint=data_fp,
         progress=progress_artifact("finetune-progress", f"Training {name}"),
     )

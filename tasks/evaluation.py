@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,9 @@ class ModelEval:
     corpus_prompt: str | None = None
     n_queries: int = 0
     n_corpus: int = 0
+    #: dim -> query id -> the top TOP_K (corpus id, cosine), best first; kept only when asked
+    #: (`keep_hits`), for a re-ranker to read
+    hits: dict[int, dict[str, list[tuple[str, float]]]] = field(default_factory=dict)
 
     @property
     def dims(self) -> list[int]:
@@ -143,6 +146,7 @@ def evaluate_model(
     corpus_prompt: str | None = None,
     batch_size: int = 64,
     progress: Progress | None = None,
+    keep_hits: bool = False,
 ) -> ModelEval:
     """Evaluate a sentence-transformers model at each dimension in `dims` (cosine similarity).
 
@@ -209,20 +213,18 @@ def evaluate_model(
     metrics: dict[int, dict[str, float]] = {}
     ndcg_per_query: dict[int, dict[str, float]] = {}
     first_rank: dict[int, dict[str, int | None]] = {}
+    hits: dict[int, dict[str, list[tuple[str, float]]]] = {}
     for dim in dims:
-        rankings = _rank(_unit(query_emb[:, :dim]), _unit(corpus_emb[:, :dim]), id_order)
-        per_query = {}
-        ndcg_per_query[dim], first_rank[dim] = {}, {}
-        for qid, ranked in zip(query_ids, rankings, strict=True):
-            ids = [corpus_ids[i] for i in ranked]
-            values = ranking_metrics(ids, relevant[qid])
-            per_query[qid] = values
-            ndcg_per_query[dim][qid] = values[HEADLINE]
-            first_rank[dim][qid] = first_relevant_rank([doc in relevant[qid] for doc in ids])
-        metrics[dim] = {
-            metric: float(np.mean([values[metric] for values in per_query.values()]))
-            for metric in METRICS
+        ranked = _rank(_unit(query_emb[:, :dim]), _unit(corpus_emb[:, :dim]), id_order)
+        rankings = {
+            qid: [(corpus_ids[i], float(score)) for i, score in zip(*top, strict=True)]
+            for qid, top in zip(query_ids, ranked, strict=True)
         }
+        metrics[dim], ndcg_per_query[dim], first_rank[dim] = score_rankings(
+            {qid: [doc for doc, _ in ranking] for qid, ranking in rankings.items()}, relevant
+        )
+        if keep_hits:
+            hits[dim] = rankings
     result = ModelEval(
         name=name,
         model=model_ref or name,
@@ -233,9 +235,28 @@ def evaluate_model(
         corpus_prompt=corpus_prompt,
         n_queries=len(query_ids),
         n_corpus=len(corpus_ids),
+        hits=hits,
     )
     check_metrics(result)
     return result
+
+
+def score_rankings(
+    rankings: Mapping[str, Sequence[str]], relevant: Mapping[str, set[str]]
+) -> tuple[dict[str, float], dict[str, float], dict[str, int | None]]:
+    """Mean metrics, per-query NDCG@10 and per-query first relevant rank of ranked corpus ids
+    (best first) per query id."""
+    per_query = {qid: ranking_metrics(ids, relevant[qid]) for qid, ids in rankings.items()}
+    means = {
+        metric: float(np.mean([values[metric] for values in per_query.values()]))
+        for metric in METRICS
+    }
+    ndcg = {qid: values[HEADLINE] for qid, values in per_query.items()}
+    first = {
+        qid: first_relevant_rank([doc in relevant[qid] for doc in ids[:TOP_K]])
+        for qid, ids in rankings.items()
+    }
+    return means, ndcg, first
 
 
 def _encode(
@@ -274,8 +295,11 @@ def _unit(emb: np.ndarray) -> np.ndarray:
     return emb / np.maximum(norms, 1e-12)
 
 
-def _rank(queries: np.ndarray, corpus: np.ndarray, id_order: np.ndarray) -> list[np.ndarray]:
-    """The top TOP_K corpus indices per query: score descending, then corpus id ascending."""
+def _rank(
+    queries: np.ndarray, corpus: np.ndarray, id_order: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The top TOP_K (corpus indices, scores) per query: score descending, then corpus id
+    ascending."""
     k = min(TOP_K, len(corpus))
     rankings = []
     for start in range(0, len(queries), 256):
@@ -284,8 +308,8 @@ def _rank(queries: np.ndarray, corpus: np.ndarray, id_order: np.ndarray) -> list
         for row, candidates in zip(scores, top, strict=True):
             # Everything tied with the k-th score competes for the last places, by id.
             pool = np.flatnonzero(row >= row[candidates].min())
-            order = np.lexsort((id_order[pool], -row[pool]))
-            rankings.append(pool[order][:k])
+            best = pool[np.lexsort((id_order[pool], -row[pool]))][:k]
+            rankings.append((best, row[best]))
     return rankings
 
 

@@ -10,11 +10,12 @@ It costs one LLM forward pass per candidate, so it is for the top few, at query 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from tasks.evaluation import ModelEval, Progress, check_metrics, score_rankings
 from tasks.questions import is_question
 
 #: The judge reads the passage and scores the question as its continuation.
@@ -124,3 +125,58 @@ def rerank(
         return []
     judge = judge or local_judge(statements=is_statement(query))
     return rerank_order(base_scores, judge.score(query, texts), weight)
+
+
+def rerank_evaluation(
+    evaluation: ModelEval,
+    dim: int,
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    relevant: Mapping[str, set[str]],
+    top: int = 10,
+    weight: float = 1.0,
+    judge_for: Callable[[str], QueryLikelihood] | None = None,
+    progress: Progress | None = None,
+) -> ModelEval:
+    """`evaluation`'s rankings at `dim` with their top `top` re-ranked by the judge: what
+    `ragtune search --rerank` would return for the same queries, scored the same way.
+
+    `evaluation` must have kept its hits (`evaluate_model(..., keep_hits=True)`); the judge
+    for each query is the bundled Gemma in the query's style unless `judge_for` gives one.
+    """
+    from tqdm.auto import tqdm
+
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    hits = evaluation.hits.get(dim)
+    if not hits:
+        raise ValueError(
+            f"{evaluation.name} kept no hits at dim {dim}: evaluate it with keep_hits=True."
+        )
+    judge_for = judge_for or (lambda query: local_judge(statements=is_statement(query)))
+    rankings = {}
+    for done, (qid, ranked) in enumerate(
+        tqdm(hits.items(), desc=f"{evaluation.name}: re-ranking", unit="query", disable=None),
+        start=1,
+    ):
+        head = ranked[:top]
+        query = queries[qid]
+        judged = judge_for(query).score(query, [corpus[doc] for doc, _ in head])
+        order = rerank_order([score for _, score in head], judged, weight)
+        rankings[qid] = [head[i][0] for i in order] + [doc for doc, _ in ranked[top:]]
+        if progress is not None:
+            progress(done, len(hits))
+    metrics, ndcg, first = score_rankings(rankings, relevant)
+    result = ModelEval(
+        name=f"{evaluation.name}+rerank",
+        model=evaluation.model,
+        metrics={dim: metrics},
+        ndcg_per_query={dim: ndcg},
+        first_rank={dim: first},
+        query_prompt=evaluation.query_prompt,
+        corpus_prompt=evaluation.corpus_prompt,
+        n_queries=evaluation.n_queries,
+        n_corpus=evaluation.n_corpus,
+    )
+    check_metrics(result)
+    return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ def write_report(
     intervals: dict[int, tuple[float, float, float]],
     regressions: list[dict],
     title: str,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write metrics.json, report.md and ndcg_by_dim.png into `out_dir`; return their paths.
 
@@ -68,7 +70,9 @@ def write_report(
     paths["metrics"].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     _plot(paths["plot"], evals, title, decision)
     paths["report"].write_text(
-        report_markdown(evals, decision, intervals, regressions, title, paths["plot"].name),
+        report_markdown(
+            evals, decision, intervals, regressions, title, paths["plot"].name, notes=notes
+        ),
         encoding="utf-8",
     )
     return paths
@@ -101,11 +105,14 @@ def report_markdown(
     regressions: list[dict],
     title: str,
     plot_name: str | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
-    """The human report: decision first, then the plot's numbers, intervals and regressions."""
+    """The human report: decision first (and any `notes`, one paragraph each), then the plot's
+    numbers, intervals and regressions."""
     parts = [f"# {title}\n"]
     if decision is not None:
         parts.append(f"**Gate decision.** {decision.reason}\n")
+    parts.extend(f"{note}\n" for note in notes)
     parts.append(
         "Models: "
         + "; ".join(

@@ -271,6 +271,7 @@ def train(
     eval_queries: Mapping[str, str] | None = None,
     eval_relevant: Mapping[str, set[str]] | None = None,
     hard_negatives: bool | None = None,
+    negatives_from: Sequence[str] | None = None,
     resume: bool = True,
     save_steps: int | None = None,
     data_fingerprint: str = "",
@@ -282,6 +283,8 @@ def train(
     and the recipe's prompts) plus `ragtune.json`. Checkpoints go to `output_dir/checkpoints`
     while training; a re-run with the same settings resumes from the last one, and they are
     deleted once the final model is saved. `warmup` is a share of the steps (< 1) or a count.
+    Hard negatives are mined from `negatives_from` (the whole corpus, say) as well as the
+    positives: a corpus gives harder, more varied negatives than the training pairs alone.
     `save_steps` defaults to a fifth of the run, but never more often than every 25 steps
     (checkpoints of a base-size model plus optimizer state are over a gigabyte).
     """
@@ -313,12 +316,17 @@ def train(
     dims = matryoshka_dims(width) if spec.matryoshka else [width]
 
     rows_hash = _rows_hash(data)
-    mined = False
+    mined, pool = False, 0
     if hard_negatives is None:
         hard_negatives = spec.needs_negatives and "negative" not in data.column_names
     if hard_negatives and "negative" not in data.column_names:
+        pool = len(set(data["positive"]) | set(negatives_from or ()))
         data = mine_negatives(
-            data, model, query_prompt=spec.query_prompt, document_prompt=spec.document_prompt
+            data,
+            model,
+            negatives_from,
+            query_prompt=spec.query_prompt,
+            document_prompt=spec.document_prompt,
         )
         mined = True
     if spec.needs_negatives and "negative" not in data.column_names:
@@ -340,6 +348,7 @@ def train(
         "rows_sha256": rows_hash,
         "train_pairs": len(data),
         "hard_negatives_mined": mined,
+        "negatives_mined_from": pool,
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,

@@ -111,6 +111,34 @@ def test_identical_models_are_evaluated_and_not_published(prefect_api, workspace
     assert "Do not publish" in artifacts["evaluation-report"].data
 
 
+def test_rerank_adds_the_judged_tuned_model_at_the_chosen_dim(prefect_api, workspace, tuned_copy):
+    _save_generated_set(workspace)
+
+    state = evaluate(
+        EvaluateParams(workspace=str(workspace.root), run_name="rr", rerank=5), return_state=True
+    )
+    result = state.result()
+
+    judged = result.metrics["tuned+rerank"]
+    assert list(judged) == [result.dim], "re-ranked at the dimension the gate chose only"
+    tuned = result.metrics["tuned"][result.dim]
+    # Re-ordering the top 5 leaves which chunks are in it, and everything below it, alone.
+    for metric in ("recall@5", "accuracy@5", "recall@10"):
+        assert judged[result.dim][metric] == tuned[metric]
+    gain, low, high = result.rerank_gain
+    assert low <= gain <= high
+    assert gain == pytest.approx(judged[result.dim]["ndcg@10"] - tuned["ndcg@10"])
+
+    report = (workspace.report_dir("rr") / "report.md").read_text()
+    assert "**Re-ranking.**" in report and "`ragtune search --rerank 5`" in report
+    assert "### tuned+rerank" in report
+    rows = _artifacts(state.state_details.flow_run_id)["evaluation-metrics"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    by_dim = {row["dim"]: row for row in rows}
+    assert by_dim[result.dim]["tuned+rerank ndcg@10"] == round(judged[result.dim]["ndcg@10"], 4)
+    assert all(row["tuned+rerank ndcg@10"] == "-" for d, row in by_dim.items() if d != result.dim)
+
+
 def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, tuned_copy):
     result = evaluate(
         EvaluateParams(

@@ -8,12 +8,14 @@ import pytest
 
 from flows.publish import PublishParams, publish
 from flows.search import SearchParams, search
+from tasks.evaluation import evaluate_model
 from tasks.relevance import (
     STATEMENT_PROMPT,
     QueryLikelihood,
     is_statement,
     local_judge,
     rerank,
+    rerank_evaluation,
     rerank_order,
 )
 from tests.test_publish_flow import ready_workspace  # noqa: F401  (a fixture)
@@ -62,6 +64,38 @@ def test_rerank_lifts_the_passage_the_judge_prefers_over_a_near_tie(judge):
 
     assert order[0] == 1 and sorted(order) == [0, 1, 2]
     assert rerank("anything", [], [], judge) == []
+
+
+def test_a_reranked_evaluation_scores_what_search_would_return(minilm, judge):
+    corpus = {f"p{i}": text for i, text in enumerate(PASSAGES)} | {
+        "p3": "Peru's capital Lima was founded by Francisco Pizarro in 1535.",
+        "p4": "Norway's capital Oslo hosts the Nobel Peace Prize ceremony.",
+    }
+    queries = {"peru": "What is the capital of Peru?", "oslo": "Which city hosts the Peace Prize?"}
+    relevant = {"peru": {"p1"}, "oslo": {"p4"}}
+    plain = evaluate_model(minilm, corpus, queries, relevant, [384, 64], keep_hits=True)
+
+    judged = rerank_evaluation(
+        plain, 64, corpus, queries, relevant, top=3, judge_for=lambda q: judge
+    )
+
+    assert judged.name == "model+rerank" and judged.dims == [64], "only the dim asked for"
+    for qid, hits in plain.hits[64].items():
+        head = hits[:3]
+        order = rerank(queries[qid], [corpus[d] for d, _ in head], [s for _, s in head], judge)
+        ranking = [head[i][0] for i in order] + [d for d, _ in hits[3:]]
+        assert judged.first_rank[64][qid] == ranking.index(next(iter(relevant[qid]))) + 1
+    # Re-ordering the top 3 cannot change which passages are in it.
+    assert judged.metrics[64]["recall@3"] == plain.metrics[64]["recall@3"]
+    assert judged.metrics[64]["recall@5"] == plain.metrics[64]["recall@5"]
+
+
+def test_a_reranked_evaluation_needs_the_hits_kept(minilm, judge):
+    corpus, queries, relevant = {"a": PASSAGES[0]}, {"q": "Oslo?"}, {"q": {"a"}}
+    plain = evaluate_model(minilm, corpus, queries, relevant, [384])
+
+    with pytest.raises(ValueError, match=r"kept no hits at dim 384: .*keep_hits=True"):
+        rerank_evaluation(plain, 384, corpus, queries, relevant, judge_for=lambda q: judge)
 
 
 def test_search_flow_reranks_its_top_hits_and_returns_k(prefect_api, ready_workspace):  # noqa: F811

@@ -313,6 +313,30 @@ def test_finetune_flow_trains_on_the_train_split_and_evaluates_on_the_test_split
     assert artifacts["finetune-progress"].data == 100.0
 
 
+def test_finetune_flow_mines_hard_negatives_from_every_chunk_of_the_workspace(
+    prefect_api, workspace
+):
+    save_capitals_workspace(workspace)
+    result = finetune(
+        FinetuneParams(
+            workspace=str(workspace.root),
+            hard_negatives=True,
+            batch_size=8,
+            max_steps=1,
+            max_seq_length=64,
+        )
+    )
+
+    record = json.loads((Path(result.model_path) / "ragtune.json").read_text())
+    assert record["hard_negatives_mined"] is True
+    # 18 training pairs have 18 positives; the held-out questions' chunks are candidates too.
+    assert record["negatives_mined_from"] == len(CAPITALS) == 24
+    assert (
+        "* Columns: <code>anchor</code>, <code>positive</code>, and <code>negative</code>"
+        in (Path(result.model_path) / "README.md").read_text()
+    )
+
+
 def test_finetune_flow_trains_on_a_user_jsonl_of_triplets(prefect_api, workspace, tmp_path):
     rows = capital_rows()
     triplets = tmp_path / "triplets.jsonl"
