@@ -200,7 +200,7 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
     if params.rerank:
         others.append(rerank_one(tuned, decision.dim, corpus, queries, relevant, top=params.rerank))
         rerank_gain = intervals_by_dim(tuned, others[-1])[decision.dim]
-        notes.append(rerank_note(rerank_gain, params.rerank, decision.dim, len(queries)))
+        notes.append(rerank_note(rerank_gain, params.rerank, decision.dim, tuned.n_queries))
         print(notes[-1])
 
     run = params.run_name or datetime.now(UTC).strftime("eval-%Y%m%d-%H%M%S")
