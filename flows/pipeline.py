@@ -66,6 +66,13 @@ class PipelineParams(StoreParams, RunnerParams):
         None,
         description="Required NDCG@10 gain to publish; blank: the 95% interval must clear zero.",
     )
+    rerank: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Also report the tuned model with its top N re-ranked by the LLM judge "
+        "(about a second per held-out question on CPU); 0: off.",
+    )
     publish_if_gated: bool = Field(
         False, description="Publish the tuned model even when the gate says it is not better."
     )
@@ -160,6 +167,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
             tuned_model=tuned.model_path,
             tolerance=p.tolerance,
             margin=p.margin,
+            rerank=p.rerank,
         ),
     )
     published = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,19 @@ def test_second_run_on_unchanged_corpus_reuses_every_stage(pipeline_run, small_c
     assert again.reused == ["ingest", "questions", "finetune", "evaluate"]
     assert again.model_path == first.model_path
     assert again.collection == first.collection
+
+
+def test_asking_for_reranking_reruns_only_the_evaluation(pipeline_run, small_corpus):
+    from flows.pipeline import pipeline
+
+    first, workspace = pipeline_run
+    judged = pipeline(tiny_params(workspace, [small_corpus]).model_copy(update={"rerank": 3}))
+
+    assert judged.reused == ["ingest", "questions", "finetune"]
+    assert judged.model_path == first.model_path
+    report = json.loads((Path(judged.report_dir) / "metrics.json").read_text())
+    reranked = next(m for m in report["models"] if m["name"] == "tuned+rerank")
+    assert list(reranked["metrics"]) == [str(judged.dim)]
 
 
 def test_refresh_with_a_new_document_asks_only_about_its_chunks(
