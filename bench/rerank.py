@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 from tasks.evaluation import paired_bootstrap, ranking_metrics  # noqa: E402
 from tasks.fewshot import labelled_split  # noqa: E402
 from tasks.models import MINILM, load_model  # noqa: E402
-from tasks.relevance import is_statement, local_judge, rerank_order  # noqa: E402
+from tasks.relevance import is_statement, local_judge, reorder_head, rerank_order  # noqa: E402
 
 SCIFACT = Path("/work/shared/data/scifact-dev")
 OUT = ROOT / "bench" / "out" / "rerank"
@@ -73,9 +73,8 @@ def main() -> None:
     def ndcg(weight: float) -> list[float]:
         out = []
         for row, qid in enumerate(query_ids):
-            ranking = rankings[row]
             order = rerank_order(top_scores[row], judged[row], weight)
-            reranked = [ranking[i] for i in order] + ranking[args.top :]
+            reranked = reorder_head(rankings[row], order)
             out.append(ranking_metrics(reranked, split.relevant[qid])["ndcg@10"])
         return out
 

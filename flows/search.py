@@ -15,7 +15,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from tasks import store
-from tasks.relevance import rerank
+from tasks.relevance import reorder_head, rerank
 from tasks.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -98,8 +98,9 @@ def search(params: SearchParams) -> list[dict[str, Any]]:
     hits = store.search(client, params.alias, params.query, k=max(params.k, params.rerank))
     if params.rerank:
         top = hits[: params.rerank]
-        order = rerank(params.query, [h.text for h in top], [h.score for h in top])
-        hits = [top[i] for i in order] + hits[params.rerank :]
+        hits = reorder_head(
+            hits, rerank(params.query, [h.text for h in top], [h.score for h in top])
+        )
     hits = hits[: params.k]
     print(format_hits(hits))
     return [asdict(hit) for hit in hits]

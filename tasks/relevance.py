@@ -11,7 +11,7 @@ It costs one LLM forward pass per candidate, so it is for the top few, at query 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -112,6 +112,15 @@ def is_statement(query: str) -> bool:
     return not is_question(query)
 
 
+T = TypeVar("T")
+
+
+def reorder_head(items: Sequence[T], order: Sequence[int]) -> list[T]:
+    """`items` with its first len(`order`) entries in `order` (positions, best first) and the
+    rest where they were: the judge reads only the head of a ranking."""
+    return [items[i] for i in order] + list(items[len(order) :])
+
+
 def rerank(
     query: str,
     texts: Sequence[str],
@@ -153,17 +162,21 @@ def rerank_evaluation(
         raise ValueError(
             f"{evaluation.name} kept no hits at dim {dim}: evaluate it with keep_hits=True."
         )
-    judge_for = judge_for or (lambda query: local_judge(statements=is_statement(query)))
     rankings = {}
     for done, (qid, ranked) in enumerate(
         tqdm(hits.items(), desc=f"{evaluation.name}: re-ranking", unit="query", disable=None),
         start=1,
     ):
-        head = ranked[:top]
         query = queries[qid]
-        judged = judge_for(query).score(query, [corpus[doc] for doc, _ in head])
-        order = rerank_order([score for _, score in head], judged, weight)
-        rankings[qid] = [head[i][0] for i in order] + [doc for doc, _ in ranked[top:]]
+        head = ranked[:top]
+        order = rerank(
+            query,
+            [corpus[doc] for doc, _ in head],
+            [score for _, score in head],
+            judge_for(query) if judge_for else None,
+            weight,
+        )
+        rankings[qid] = reorder_head([doc for doc, _ in ranked], order)
         if progress is not None:
             progress(done, len(hits))
     metrics, ndcg, first = score_rankings(rankings, relevant)
