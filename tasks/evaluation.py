@@ -15,7 +15,7 @@ them ourselves for two reasons:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,8 +155,7 @@ def evaluate_model(
     without relevant documents are skipped, as the evaluator does.
     """
     query_ids = [qid for qid in queries if relevant.get(qid)]
-    corpus_ids = list(corpus)
-    if not corpus_ids:
+    if not corpus:
         raise MetricsError(f"Cannot evaluate {name}: the corpus is empty.")
     if not query_ids:
         raise MetricsError(f"Cannot evaluate {name}: no query has a relevant document.")
@@ -173,7 +172,9 @@ def evaluate_model(
             (prompts[key] for key in ("document", "passage", "corpus") if prompts.get(key)), None
         )
 
-    total = len(query_ids) + len(corpus_ids)
+    query_texts = distinct(queries[qid] for qid in query_ids)
+    corpus_texts = distinct(corpus.values())
+    total = len(query_texts) + len(corpus_texts)
     done = [0]
 
     def advance(count: int) -> None:
@@ -182,21 +183,60 @@ def evaluate_model(
             progress(done[0], total)
 
     query_emb = _encode(
-        model.encode_query,
-        [queries[qid] for qid in query_ids],
-        query_prompt,
-        batch_size,
-        advance,
-        f"{name}: queries",
+        model.encode_query, query_texts, query_prompt, batch_size, advance, f"{name}: queries"
     )
     corpus_emb = _encode(
-        model.encode_document,
-        [corpus[cid] for cid in corpus_ids],
-        corpus_prompt,
-        batch_size,
-        advance,
-        f"{name}: corpus",
+        model.encode_document, corpus_texts, corpus_prompt, batch_size, advance, f"{name}: corpus"
     )
+    result = evaluate_embeddings(
+        dict(zip(query_texts, query_emb, strict=True)),
+        dict(zip(corpus_texts, corpus_emb, strict=True)),
+        corpus,
+        {qid: queries[qid] for qid in query_ids},
+        relevant,
+        dims,
+        name=name,
+        model_ref=model_ref,
+        keep_hits=keep_hits,
+    )
+    result.query_prompt, result.corpus_prompt = query_prompt, corpus_prompt
+    return result
+
+
+def distinct(texts: Iterable[str]) -> list[str]:
+    """Each text once, in first-seen order.
+
+    Identical texts must get identical scores, so that equal documents tie exactly and the tie
+    goes to the smaller corpus id on every machine. Encoded in different batch positions, or
+    scored in different rows of one matrix product, two copies of a text differ in the last bit
+    of float32, and their order would then follow the CPU's kernels instead of the rule.
+    """
+    return list(dict.fromkeys(texts))
+
+
+def evaluate_embeddings(
+    query_vectors: Mapping[str, np.ndarray],
+    corpus_vectors: Mapping[str, np.ndarray],
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    relevant: Mapping[str, set[str]],
+    dims: Sequence[int],
+    name: str = "model",
+    model_ref: str = "",
+    keep_hits: bool = False,
+) -> ModelEval:
+    """Rank and score from full-width vectors keyed by text (each distinct text once).
+
+    Split from `evaluate_model` so the ranking and metric code can be checked on given vectors,
+    with no model in the loop.
+    """
+    query_ids = [qid for qid in queries if relevant.get(qid)]
+    corpus_ids = list(corpus)
+    texts = list(corpus_vectors)
+    column = {text: i for i, text in enumerate(texts)}
+    doc_column = np.array([column[corpus[cid]] for cid in corpus_ids], dtype=np.int64)
+    query_emb = np.stack([query_vectors[queries[qid]] for qid in query_ids]).astype(np.float32)
+    corpus_emb = np.stack([corpus_vectors[text] for text in texts]).astype(np.float32)
     for label, emb in (("query", query_emb), ("corpus", corpus_emb)):
         broken = int((~np.isfinite(emb).all(axis=1)).sum())
         if broken:
@@ -215,7 +255,7 @@ def evaluate_model(
     first_rank: dict[int, dict[str, int | None]] = {}
     hits: dict[int, dict[str, list[tuple[str, float]]]] = {}
     for dim in dims:
-        ranked = _rank(_unit(query_emb[:, :dim]), _unit(corpus_emb[:, :dim]), id_order)
+        ranked = _rank(_unit(query_emb[:, :dim]), _unit(corpus_emb[:, :dim]), doc_column, id_order)
         rankings = {
             qid: [(corpus_ids[i], float(score)) for i, score in zip(*top, strict=True)]
             for qid, top in zip(query_ids, ranked, strict=True)
@@ -231,8 +271,6 @@ def evaluate_model(
         metrics=metrics,
         ndcg_per_query=ndcg_per_query,
         first_rank=first_rank,
-        query_prompt=query_prompt,
-        corpus_prompt=corpus_prompt,
         n_queries=len(query_ids),
         n_corpus=len(corpus_ids),
         hits=hits,
@@ -296,14 +334,14 @@ def _unit(emb: np.ndarray) -> np.ndarray:
 
 
 def _rank(
-    queries: np.ndarray, corpus: np.ndarray, id_order: np.ndarray
+    queries: np.ndarray, texts: np.ndarray, doc_column: np.ndarray, id_order: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The top TOP_K (corpus indices, scores) per query: score descending, then corpus id
-    ascending."""
-    k = min(TOP_K, len(corpus))
+    ascending. Documents are scored through their text's column, so copies tie exactly."""
+    k = min(TOP_K, len(doc_column))
     rankings = []
     for start in range(0, len(queries), 256):
-        scores = queries[start : start + 256] @ corpus.T
+        scores = (queries[start : start + 256] @ texts.T)[:, doc_column]
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         for row, candidates in zip(scores, top, strict=True):
             # Everything tied with the k-th score competes for the last places, by id.

@@ -1,9 +1,11 @@
 """Retrieval metrics, bootstrap intervals, the dimension choice, the gate and the report.
 
-The metric math is checked on explicit rankings computed by hand; the whole pipeline is checked
-against sentence-transformers' own InformationRetrievalEvaluator on the real bundled MiniLM.
-Better and worse "models" are real evaluations: MiniLM with and without a poisoned query prompt
-(a long off-topic prefix that drowns the question), so the gate sees real per-query differences.
+The metric math is checked on explicit rankings computed by hand, and the ranking and metric code
+against sentence-transformers' own InformationRetrievalEvaluator on the same real MiniLM vectors.
+Better and worse "models" are real evaluations: MiniLM with and without a poisoned query prompt,
+an off-topic prefix longer than the model's 256-token window, so the question never reaches the
+model and retrieval is ruined, not nudged. Every assertion on a real model's scores holds with a
+margin that float32 kernels on another CPU (cosines move by ~3e-7) cannot cross.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tasks.evaluation import (
     ModelEval,
     check_metrics,
     choose_dimension,
+    distinct,
+    evaluate_embeddings,
     evaluate_model,
     gate,
     intervals_by_dim,
@@ -35,7 +39,10 @@ from tasks.evaluation import (
 from tasks.report import CARD_HEADING, card_section, update_model_card, write_report
 from tests.conftest import FIXTURES
 
-POISON = "The recipe for tomato soup needs ripe tomatoes, garlic, olive oil, basil and salt. " * 5
+SOUP = "The recipe for tomato soup needs ripe tomatoes, garlic, olive oil, basil and salt. "
+POISON = SOUP * 20
+#: A prefix that distracts without drowning the question: dims then score differently.
+DISTRACTION = SOUP * 3
 DIMS = [384, 256, 128, 64]
 
 
@@ -103,35 +110,74 @@ def test_a_query_without_relevant_documents_is_an_error():
 # The whole evaluation, on a real model
 
 
-def test_metrics_equal_information_retrieval_evaluator_at_every_dim(minilm, beir_tiny, poisoned):
-    """With a query prompt, so the prompt path is checked too and the dims differ."""
+class GivenVectorsEvaluator(InformationRetrievalEvaluator):
+    """The evaluator, fed vectors computed beforehand instead of encoding with a model."""
+
+    def __init__(self, query_vectors, corpus_vectors, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vectors = {"query": query_vectors, "document": corpus_vectors}
+
+    def embed_inputs(self, model, sentences, encode_fn_name=None, **kwargs):
+        table = self.vectors[encode_fn_name]
+        return torch.tensor(np.stack([table[text] for text in sentences]))[:, : self.truncate_dim]
+
+
+def smallest_score_gap(query_vectors, corpus_vectors, dim):
+    def unit(vectors):
+        matrix = np.stack(list(vectors.values()))[:, :dim]
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+    scores = -np.sort(-(unit(query_vectors) @ unit(corpus_vectors).T), axis=1)
+    return float(np.diff(-scores, axis=1).min())
+
+
+def test_metrics_equal_information_retrieval_evaluator_at_every_dim(minilm, beir_tiny):
+    """Both rank the same vectors, so only the ranking and metric code is compared."""
     corpus, queries, relevant = beir_tiny
+    query_texts, corpus_texts = distinct(queries.values()), distinct(corpus.values())
+    query_emb = minilm.encode_query(query_texts, prompt=DISTRACTION)
+    query_vectors = dict(zip(query_texts, query_emb, strict=True))
+    corpus_vectors = dict(zip(corpus_texts, minilm.encode_document(corpus_texts), strict=True))
+    # The evaluator breaks a tie by corpus id only when two scores are bit-equal; the fixture's
+    # two copies of one text are left out here (test_equal_scores_rank_by_corpus_id has them).
+    corpus = {cid: text for cid, text in corpus.items() if cid != "d26"}
+    relevant = {qid: {"d01" if d == "d26" else d for d in docs} for qid, docs in relevant.items()}
+
+    ours = evaluate_embeddings(query_vectors, corpus_vectors, corpus, queries, relevant, DIMS)
 
     for dim in DIMS:
-        evaluator = InformationRetrievalEvaluator(
-            queries,
-            corpus,
-            relevant,
-            truncate_dim=dim,
-            batch_size=64,
-            query_prompt=POISON,
-            write_csv=False,
+        # Numpy and torch compute cosines ~3e-7 apart: no two documents may be that close.
+        assert smallest_score_gap(query_vectors, corpus_vectors, dim) > 3e-6
+        evaluator = GivenVectorsEvaluator(
+            query_vectors, corpus_vectors, queries, corpus, relevant, truncate_dim=dim
         )
         theirs = evaluator(minilm)
         for metric in METRICS:
-            assert poisoned.metrics[dim][metric] == pytest.approx(
-                theirs[f"cosine_{metric}"], abs=1e-6
+            assert ours.metrics[dim][metric] == pytest.approx(
+                theirs[f"cosine_{metric}"], abs=1e-9
             ), (dim, metric)
         # The per-query values the bootstrap uses average to the reported metric.
-        assert np.mean(list(poisoned.ndcg_per_query[dim].values())) == pytest.approx(
-            poisoned.metrics[dim]["ndcg@10"]
+        assert np.mean(list(ours.ndcg_per_query[dim].values())) == pytest.approx(
+            ours.metrics[dim]["ndcg@10"]
         )
+    assert ours.metrics[384] != ours.metrics[64]
+
+
+def test_results_do_not_depend_on_the_encode_batch_size(minilm, beir_tiny, plain):
+    """Batches of 1 and 7 pad differently from 64, which moves vectors in the last bits only."""
+    for batch_size in (1, 7):
+        again = evaluate_model(minilm, *beir_tiny, DIMS, name="plain", batch_size=batch_size)
+        assert again.first_rank == plain.first_rank
+        for dim in DIMS:
+            assert again.metrics[dim] == pytest.approx(plain.metrics[dim], abs=1e-12)
 
 
 def test_equal_scores_rank_by_corpus_id(plain):
-    """d01 and d26 hold the same text; q01's judged document is d26, so d01 ranks first."""
-    assert plain.first_rank[384]["q01"] == 2
-    assert plain.ndcg_per_query[384]["q01"] == pytest.approx(1 / math.log2(3))
+    """d01 and d26 hold the same text; q01's judged document is d26, so d01 ranks first, at
+    every dimension and on every CPU: a text is encoded and scored once, so copies tie exactly."""
+    for dim in DIMS:
+        assert plain.first_rank[dim]["q01"] == 2
+        assert plain.ndcg_per_query[dim]["q01"] == pytest.approx(1 / math.log2(3))
 
 
 def test_model_prompts_are_used_when_none_is_given(minilm, beir_tiny, poisoned):
@@ -153,7 +199,8 @@ def test_progress_reaches_every_text(minilm, beir_tiny):
 
     evaluate_model(minilm, corpus, queries, relevant, [64], progress=lambda d, t: calls.append(d))
 
-    assert calls[-1] == len(corpus) + len(queries)
+    # Each distinct text is encoded once: d01 and d26 are one text.
+    assert calls[-1] == len(set(corpus.values())) + len(queries) == len(corpus) - 1 + len(queries)
 
 
 def test_nan_embeddings_from_a_broken_model_are_an_error(minilm, beir_tiny):
@@ -233,6 +280,13 @@ def test_choose_dimension_rejects_nan():
         choose_dimension({384: math.nan, 64: 0.5})
 
 
+def test_the_poisoned_prompt_ruins_retrieval_by_a_wide_margin(plain, poisoned):
+    """What the gate tests below rely on: a gap no CPU's float32 rounding can close."""
+    for dim in DIMS:
+        assert plain.metrics[dim]["ndcg@10"] > 0.9
+        assert poisoned.metrics[dim]["ndcg@10"] < 0.4
+
+
 def test_a_worse_tuned_model_is_not_published_and_the_reason_says_why(plain, poisoned):
     decision = gate(base=plain, tuned=poisoned)
 
@@ -249,8 +303,9 @@ def test_a_better_tuned_model_is_published_at_the_smallest_good_dim(plain, poiso
 
     assert decision.publish
     assert decision.low > 0
-    # Plain MiniLM is within 1% of its best at 64 dims on this easy set.
-    assert decision.dim == choose_dimension(plain.headline()) == 64
+    # Which dimension is the smallest within 1% of the best is a near-tie on this easy set (1.0
+    # or 0.98 at each), so the test asks for the rule, not for one CPU's answer.
+    assert decision.dim == choose_dimension(plain.headline())
     assert decision.reason.startswith("Publish")
     assert decision.gain == pytest.approx(
         plain.metrics[64]["ndcg@10"] - poisoned.metrics[64]["ndcg@10"]

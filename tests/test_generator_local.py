@@ -133,3 +133,14 @@ def test_bad_settings_name_the_setting():
         make_generator("local", batch_size=0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         LocalGenerator(temperature=0)
+
+
+def test_the_environment_can_force_the_dtype_auto_picks(monkeypatch):
+    from tasks.generators.local import DTYPE_ENV, resolve_dtype
+
+    monkeypatch.setenv(DTYPE_ENV, "float32")
+    assert resolve_dtype("auto") == "float32"
+    assert resolve_dtype("bfloat16") == "bfloat16"  # an explicit setting still wins
+    monkeypatch.setenv(DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="RAGTUNE_DTYPE='fp8'"):
+        resolve_dtype("auto")

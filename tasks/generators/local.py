@@ -95,13 +95,25 @@ _LOADED: dict[tuple[str, str], Any] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+#: Overrides what "auto" picks, for every generator and judge in the process: a test run or
+#: benchmark can take the float32 path on a bf16 CPU, as a CPU without native bf16 would.
+DTYPE_ENV = "RAGTUNE_DTYPE"
+
+
 def resolve_dtype(dtype: str) -> str:
     """ "auto" is bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about twice
-    as fast as float32 here, and Gemma was trained in bfloat16), else float32."""
-    if dtype not in ("auto", "float32", "bfloat16"):
+    as fast as float32 here, and Gemma was trained in bfloat16), else float32; the environment
+    variable RAGTUNE_DTYPE, when set, decides instead."""
+    choices = ("auto", "float32", "bfloat16")
+    if dtype not in choices:
         raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
     if dtype != "auto":
         return dtype
+    forced = os.environ.get(DTYPE_ENV, "auto")
+    if forced not in choices:
+        raise ValueError(f"{DTYPE_ENV}={forced!r}: use 'auto', 'float32' or 'bfloat16'")
+    if forced != "auto":
+        return forced
     import torch
 
     native = [

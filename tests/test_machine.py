@@ -1,0 +1,14 @@
+"""The machine line CI and the benchmarks print first."""
+
+from tasks.machine import FLAGS, cpu_flags, cpu_model, describe
+
+
+def test_the_machine_line_names_the_cpu_its_flags_and_the_llm_dtype(monkeypatch):
+    monkeypatch.setenv("RAGTUNE_DTYPE", "float32")
+    line = describe()
+
+    assert line.startswith(cpu_model())
+    assert set(cpu_flags()) == set(FLAGS)
+    for flag, has in cpu_flags().items():
+        assert f"{flag}{'+' if has else '-'}" in line
+    assert "torch " in line and line.endswith("LLM dtype float32")
