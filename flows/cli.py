@@ -136,8 +136,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollback = sub.add_parser("rollback", help="Point the alias back at the previous version.")
     rollback.add_argument("--alias", default="docs")
-    rollback.add_argument("--workspace", default="workspace")
+    store_options(rollback)
+
+    prune = sub.add_parser(
+        "prune", help="Remove versions no alias uses (what an interrupted publish left)."
+    )
+    store_options(prune)
+
+    unlock = sub.add_parser(
+        "unlock", help="Clear a Chroma server's publish lease whose holder is dead."
+    )
+    store_options(unlock)
     return parser
+
+
+def store_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--workspace", default="workspace")
+    command.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Store settings: chroma_path, chroma_host, chroma_port, chroma_token_env.",
+    )
+
+
+def open_store(args: argparse.Namespace):
+    from flows.search import StoreParams
+
+    return StoreParams(workspace=args.workspace, **parse_settings(args.set)).open_store()
+
+
+def print_waiting(holder) -> None:
+    who = holder.describe() if holder else "another process"
+    print(f"waiting for the publish lock: held by {who}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,11 +194,24 @@ def main(argv: list[str] | None = None) -> int:
 
         serve()
     elif args.command == "rollback":
-        from tasks.store import connect, rollback
-        from tasks.workspace import Workspace
+        from tasks.store import rollback
 
-        live = rollback(connect(Workspace.at(args.workspace).chroma_dir), args.alias)
+        live = rollback(open_store(args), args.alias, on_wait=print_waiting)
         print(f"{args.alias} -> {live}")
+    elif args.command == "prune":
+        from tasks.store import remove_unaliased
+
+        removed = remove_unaliased(open_store(args), on_wait=print_waiting)
+        print(f"removed {len(removed)} unaliased version(s)" + "".join(f"\n  {n}" for n in removed))
+    elif args.command == "unlock":
+        from tasks.locks import break_lock
+
+        holder = break_lock(open_store(args))
+        print(
+            f"cleared the publish lease of {holder.describe()}"
+            if holder
+            else "no lease to clear (an embedded store's lock ends with its process)"
+        )
     return 0
 
 

@@ -1,8 +1,9 @@
 """Publish: embed the workspace's chunks with a model and point an alias at the result.
 
 The work (versioned collection, copy-not-re-embed, count check, alias swap, pruning) is in
-`tasks.store.publish`; this flow chooses defaults (the newest model in the workspace at its full
-width, the model's own prompts), takes the one publisher slot, and reports to the dashboard.
+`tasks.store.publish`, and one publisher at a time is `tasks.locks`; this flow chooses defaults
+(the newest model in the workspace at its full width, the model's own prompts), says in the log
+and the dashboard when it waits for another publisher, and reports what it published.
 With `task_runner="dask"` the chunks that need embedding are encoded in shards on Dask workers
 (`flows.runners`); the store is written from this process only.
 """
@@ -16,21 +17,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
 from flows.runners import RunnerParams, started_on_first_use
 from flows.search import StoreParams
 from tasks import store
+from tasks.locks import Holder
 from tasks.models import cached_model, load_model
 from tasks.workspace import Workspace, load_rows
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
-
-#: The Prefect global concurrency limit that lets one publisher run at a time.
-PUBLISH_LIMIT = "ragtune-publish"
 
 
 class PublishParams(StoreParams, RunnerParams):
@@ -50,16 +48,11 @@ class PublishParams(StoreParams, RunnerParams):
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Headline metrics to record on the collection."
     )
-
-
-class PublishResult(BaseModel):
-    alias: str
-    collection: str
-    count: int
-    embedded: int
-    copied: int
-    swapped: bool
-    previous: str | None = None
+    lock_timeout_s: float = Field(
+        3600,
+        gt=0,
+        description="Seconds to wait for another publisher of the same store before failing.",
+    )
 
 
 def newest_model(ws: Workspace) -> str:
@@ -77,23 +70,16 @@ def newest_model(ws: Workspace) -> str:
     return str(saved[-1].parent)
 
 
-def ensure_publish_limit() -> None:
-    """Create the one-slot limit if missing: Prefect treats an unknown limit as no limit at all.
-
-    An existing limit is left as the operator set it.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(PUBLISH_LIMIT)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=PUBLISH_LIMIT, limit=1)
-                )
+def report_waiting(holder: Holder | None) -> None:
+    """Say at once, in the log and on the dashboard, that this publish waits and for whom."""
+    who = holder.describe() if holder else "another process (it has not said who yet)"
+    print(f"waiting for the publish lock: held by {who}")
+    markdown(
+        "publish-waiting",
+        f"# Waiting for another publisher\n\nThe store's publish lock is held by {who}. "
+        "This run goes on as soon as it is released; a publisher that dies releases it.",
+        description="Who holds the publish lock this run waits for.",
+    )
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE, persist_result=False)
@@ -134,7 +120,7 @@ def embed_on(
 
 
 @flow(name="publish", log_prints=True)
-def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: B008
+def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # noqa: B008
     """Publish the workspace's chunks as a complete new version and swap the alias to it."""
     ws = Workspace.at(params.workspace)
     chunks = load_rows(ws.chunks_dir)
@@ -148,9 +134,8 @@ def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: 
     client = params.open_store()
     print(f"publishing {len(chunks)} chunks with {model_ref} at dim {dim} as {params.alias!r}")
 
-    ensure_publish_limit()
     runner = params.dask_runner()
-    with concurrency(PUBLISH_LIMIT, occupy=1, strict=True), contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         done = store.publish(
             client,
             chunks,
@@ -169,23 +154,21 @@ def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: 
             )
             if runner
             else None,
+            lock_timeout=params.lock_timeout_s,
+            on_wait=report_waiting,
         )
 
-    result = PublishResult(
-        alias=done.alias,
-        collection=done.collection,
-        count=done.count,
-        embedded=done.embedded,
-        copied=done.copied,
-        swapped=done.swapped,
-        previous=done.previous,
-    )
     action = (
         f"`{done.alias}` now points to `{done.collection}`"
         + (f" (was `{done.previous}`)." if done.previous else ".")
         if done.swapped
         else f"`{done.alias}` already pointed to `{done.collection}`: nothing to swap."
     )
+    if done.removed:
+        action += (
+            f" Removed {len(done.removed)} version(s) no alias used (left by an interrupted "
+            f"publish): {', '.join(f'`{name}`' for name in done.removed)}."
+        )
     markdown(
         "publish-summary",
         f"# Published `{done.alias}`\n\n{action}\n\n"
@@ -209,5 +192,6 @@ def publish(params: PublishParams = PublishParams()) -> PublishResult:  # noqa: 
     print(
         f"{done.alias} -> {done.collection}: {done.count} chunks, {done.embedded} embedded, "
         f"{done.copied} copied, swapped={done.swapped}"
+        + (f", removed unaliased {done.removed}" if done.removed else "")
     )
-    return result
+    return done

@@ -14,12 +14,10 @@ query exactly the way the collection's documents were embedded.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -27,7 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel
 
+from tasks.locks import OnWait, publish_lock
 from tasks.models import BUNDLED, cached_model, model_tag, resolve_model
 from tasks.workspace import fingerprint
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 REGISTRY = "ragtune__aliases"
-LOCK_FILE = "ragtune-publish.lock"
 #: Collection names: 3-512 characters of [a-zA-Z0-9._-], alphanumeric at both ends.
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$")
 #: The registry holds no vectors, but Chroma requires one per record.
@@ -70,8 +69,10 @@ class Hit:
     text: str
 
 
-@dataclass
-class PublishResult:
+class PublishResult(BaseModel):
+    """What a publish did; also the publish flow's result (a pydantic model, so Prefect can
+    store it)."""
+
     alias: str
     collection: str
     count: int
@@ -79,6 +80,8 @@ class PublishResult:
     copied: int
     previous: str | None
     swapped: bool
+    #: never-aliased versions (left half-written by a killed publish) that this one removed
+    removed: list[str] = []
 
 
 # --- connecting -------------------------------------------------------------------------------
@@ -128,27 +131,6 @@ def where(client: ClientAPI) -> str:
     if settings.is_persistent and settings.persist_directory:
         return str(settings.persist_directory)
     return f"http://{settings.chroma_server_host}:{settings.chroma_server_http_port}"
-
-
-@contextlib.contextmanager
-def publish_lock(client: ClientAPI) -> Iterator[None]:
-    """Serialise writers of an embedded store across processes.
-
-    An embedded Chroma store is not safe with concurrent writers, and two publishers could race
-    on the alias; a server serialises its own writes (and the publish flow adds a Prefect
-    concurrency limit on top), so only embedded stores take the file lock.
-    """
-    settings = client.get_settings()
-    if not (settings.is_persistent and settings.persist_directory):
-        yield
-        return
-    lock_path = Path(settings.persist_directory) / LOCK_FILE
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- naming -----------------------------------------------------------------------------------
@@ -319,12 +301,12 @@ def list_versions(client: ClientAPI, alias: str) -> list[str]:
     return [record.live, *record.previous]
 
 
-def rollback(client: ClientAPI, alias: str) -> str:
+def rollback(client: ClientAPI, alias: str, on_wait: OnWait | None = None) -> str:
     """Point the alias back at its previous version; returns the collection now live.
 
     The version rolled away from becomes the previous one, so a second rollback undoes the first.
     """
-    with publish_lock(client):
+    with publish_lock(client, on_wait=on_wait, what=f"rollback of {alias!r}"):
         record = _read_alias(client, alias)
         if record is None:
             raise _missing_alias(client, alias)
@@ -427,6 +409,8 @@ def publish(
     progress: Progress | None = None,
     model_id: str | None = None,
     embed_texts: EmbedTexts | None = None,
+    lock_timeout: float | None = 3600.0,
+    on_wait: OnWait | None = None,
 ) -> PublishResult:
     """Publish chunks as a complete versioned collection, then point `alias` at it.
 
@@ -438,6 +422,9 @@ def publish(
     `model_id` identifies the weights (default: a hash of the model folder's weight files).
     `embed_texts` computes the vectors for chunks that need them somewhere else (e.g. shards on
     Dask workers); it must return what `embed(model, texts, document_prompt, dim)` would.
+    One publisher writes a store at a time (`tasks.locks`): this one waits at most
+    `lock_timeout` seconds for another, telling `on_wait` who that is. Once complete, it removes
+    versions no alias uses (what killed publishes left half-written).
     """
     from tqdm.auto import tqdm
 
@@ -460,7 +447,9 @@ def publish(
     if batch < 1:
         raise StoreError(f"batch_size={batch_size} must be at least 1")
 
-    with publish_lock(client):
+    with publish_lock(
+        client, timeout=lock_timeout, on_wait=on_wait, what=f"publish of {name}"
+    ) as lock:
         collection = _open_or_create(
             client,
             name,
@@ -528,6 +517,7 @@ def publish(
                 f"collection {name!r} holds {count} records, expected {len(rows)}: not swapping "
                 f"alias {alias!r}; re-run publish to complete it"
             )
+        lock.check()
         record = _read_alias(client, alias)
         previous = record.live if record else None
         swapped = previous != name
@@ -535,7 +525,17 @@ def publish(
             history = [previous, *record.previous] if record and previous else []
             _write_alias(client, alias, _Alias(name, [v for v in history if v != name]))
         _prune(client, alias, keep_versions)
-    return PublishResult(alias, name, count, embedded, copied, previous, swapped)
+        removed = _remove_unaliased(client)
+    return PublishResult(
+        alias=alias,
+        collection=name,
+        count=count,
+        embedded=embedded,
+        copied=copied,
+        previous=previous,
+        swapped=swapped,
+        removed=removed,
+    )
 
 
 def _open_or_create(client: ClientAPI, name: str, metadata: dict[str, Any]) -> Collection:
@@ -575,6 +575,29 @@ def _prune(client: ClientAPI, alias: str, keep_versions: int) -> None:
     for name in dropped:
         if name not in in_use and name in existing:
             client.delete_collection(name)
+
+
+def _remove_unaliased(client: ClientAPI) -> list[str]:
+    """Delete ragtune versions that no alias points to, live or previous. A publish swaps the
+    alias last, so such a version is one a killed publish left behind. Call with the lock held:
+    otherwise it could be another publisher's version in the making."""
+    aliased = {
+        name for record in _all_aliases(client).values() for name in (record.live, *record.previous)
+    }
+    removed = sorted(
+        c.name
+        for c in client.list_collections()
+        if "embedding_key" in (c.metadata or {}) and c.name not in aliased
+    )
+    for name in removed:
+        client.delete_collection(name)
+    return removed
+
+
+def remove_unaliased(client: ClientAPI, on_wait: OnWait | None = None) -> list[str]:
+    """Take the publish lock and delete the versions no alias uses; returns their names."""
+    with publish_lock(client, on_wait=on_wait, what="removing unaliased versions"):
+        return _remove_unaliased(client)
 
 
 # --- search -----------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from flows.publish import PUBLISH_LIMIT, PublishParams, publish
+from flows.publish import PublishParams, publish
 from flows.search import SearchParams, format_hits, search
-from tasks import store
+from tasks import locks, store
 from tasks.workspace import save_rows
 from tests.conftest import save_with_prompts
 from tests.test_store import nist_rows
@@ -43,23 +45,40 @@ def test_publish_flow_publishes_the_newest_model_then_search_finds_chunks(
     assert hits[0]["id"] == target["id"] and hits[0]["source"] == "nist.pdf"
 
 
-def test_publish_flow_creates_the_one_slot_publisher_limit_and_a_summary(
-    prefect_api, ready_workspace
-):
+def read_artifacts(key: str) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def test_publish_flow_leaves_a_summary(prefect_api, ready_workspace):
     ws, _ = ready_workspace
     result = publish(PublishParams(workspace=str(ws.root), dim=128))
 
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(PUBLISH_LIMIT)
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["publish-summary"]))
-        )
-    assert limit.limit == 1 and limit.active
-    assert any(result.collection in str(a.data) for a in artifacts)
+    assert any(result.collection in str(a.data) for a in read_artifacts("publish-summary"))
     assert "__d128__" in result.collection
+
+
+def test_a_publish_flow_that_waits_for_another_says_whom_on_the_dashboard(
+    prefect_api, ready_workspace
+):
+    ws, _ = ready_workspace
+    client = store.connect(ws.chroma_dir)
+
+    with (
+        locks.publish_lock(client, what="another publish"),
+        pytest.raises(locks.LockTimeout, match="another publish"),
+    ):
+        publish(PublishParams(workspace=str(ws.root), lock_timeout_s=1))
+
+    waiting = [str(a.data) for a in read_artifacts("publish-waiting")]
+    assert any(f"pid {os.getpid()}" in text and "another publish" in text for text in waiting)
+    # Once the lock is free the same publish goes through.
+    assert publish(PublishParams(workspace=str(ws.root), lock_timeout_s=1)).swapped
 
 
 def test_publish_flow_without_a_model_says_what_to_run(prefect_api, workspace):

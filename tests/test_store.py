@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import store
+from tasks import locks, store
 from tasks.models import MINILM
 from tasks.workspace import fingerprint
 from tests.conftest import NIST_PDF
@@ -236,14 +236,14 @@ def test_bad_inputs_are_refused_with_the_setting_named(client, docs, minilm):
 
 def test_the_publish_lock_excludes_other_processes(client):
     """Plain-Python publishers in two processes must not write one embedded store at once."""
-    lock_file = store.where(client) + "/" + store.LOCK_FILE
+    lock_file = store.where(client) + "/" + locks.LOCK_FILE
     probe = (
         "import fcntl, sys\n"
         f"h = open({lock_file!r}, 'a')\n"
         "try:\n    fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
         "except BlockingIOError:\n    sys.exit(3)\n"
     )
-    with store.publish_lock(client):
+    with locks.publish_lock(client):
         held = subprocess.run([sys.executable, "-c", probe], timeout=60)
     free = subprocess.run([sys.executable, "-c", probe], timeout=60)
     assert held.returncode == 3 and free.returncode == 0
