@@ -1,19 +1,31 @@
 """The `ragtune` command: run the pipeline or one stage, search, roll back, serve.
 
-Every command is a thin shell over a flow, so what runs from the shell is exactly what runs
-from a deployment or the dashboard.
+Every command is a thin shell over a flow or a task, so what runs from the shell is exactly what
+runs from a deployment or the dashboard. Options are made from the same pydantic parameter
+models as the dashboard's forms, with the same descriptions as their help, so the two never
+drift; `--set KEY=VALUE` reaches any field, a dotted key a field of a section
+(`--set finetune.epochs=3`). Built on click (the library under typer), because the options are
+generated from the models rather than written out.
+
+Commands that need no flow run (search, rollback, prune, unlock) start no Prefect server.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import click
+from pydantic import BaseModel, ValidationError
 
 STAGES = ("ingest", "questions", "finetune", "evaluate", "publish")
+_SCALARS = {str: click.STRING, int: click.INT, float: click.FLOAT, bool: click.BOOL}
 
 
 def _configure_environment() -> None:
@@ -29,189 +41,300 @@ def _configure_environment() -> None:
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are read as JSON when they parse (numbers, lists, true)."""
+def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as JSON when they parse (numbers, lists, true). A
+    dotted key reaches into a section: `finetune.epochs=3` is `{"finetune": {"epochs": 3}}`."""
     settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+            raise click.UsageError(f"--set expects key=value, got {pair!r}")
         try:
-            settings[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            settings[key] = raw
+            value = raw
+        *parents, leaf = key.split(".")
+        target = settings
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise click.UsageError(f"--set {key}: {part!r} is a value, not a section")
+        target[leaf] = value
     return settings
 
 
-def _stage(name: str):
-    """The flow and its parameter model for a stage name."""
-    import importlib
+# --- options from parameter models ------------------------------------------------------------
 
-    module = importlib.import_module(f"flows.{name}")
-    params_cls = next(
-        getattr(module, attr)
-        for attr in dir(module)
-        if attr.endswith("Params") and getattr(module, attr).__module__ == module.__name__
+
+def _option_type(annotation: Any) -> tuple[click.ParamType | None, bool]:
+    """(click type, several values?) for a field's annotation; None for what only `--set`
+    takes (sections, dicts)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if typing.get_origin(annotation) is list:
+        inner = typing.get_args(annotation)
+        return (_SCALARS.get(inner[0]) if inner else None), True
+    return _SCALARS.get(annotation), False
+
+
+def model_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[click.Option]:
+    """A `--field-name` option per scalar field, its help the field's description. No option
+    has a default of its own: what is not given stays unset, so a profile can fill it."""
+    options = []
+    for name, field in model.model_fields.items():
+        kind, multiple = _option_type(field.annotation)
+        if name in skip or kind is None:
+            continue
+        flag = f"-{name}" if len(name) == 1 else f"--{name.replace('_', '-')}"
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default in (None, "", [], {}) else f" [default: {default}]"
+        if kind is click.BOOL and not multiple:
+            decls = [f"{flag}/--no-{name.replace('_', '-')}"]
+        else:
+            decls = [flag]
+        options.append(
+            click.Option(
+                [*decls, name],
+                type=None if kind is click.BOOL else kind,
+                multiple=multiple,
+                default=None,
+                show_default=False,
+                help=(field.description or "") + shown,
+            )
+        )
+    return options
+
+
+def sections_help(model: type[BaseModel]) -> str:
+    """The fields of each section of `model`, for the help of commands that take sections."""
+    blocks = ["Sections, set with --set SECTION.FIELD=VALUE:"]
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            lines = [f"\b\n{name}.*  {field.description}"]
+            lines += [
+                f"  {name}.{key}: {sub.description}" for key, sub in section.model_fields.items()
+            ]
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def build_params(model: type[BaseModel], given: dict[str, Any], pairs: tuple[str, ...]) -> Any:
+    """The model from the options given and the `--set` pairs; a bad or unknown setting is a
+    usage error that names it."""
+    values = {key: value for key, value in given.items() if value not in (None, ())}
+    values = {key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}
+    try:
+        return model(**(values | parse_settings(pairs)))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or model.__name__}: {e['msg']}" for e in exc.errors()
+        )
+        raise click.UsageError(problems) from None
+
+
+SET_OPTION = click.Option(
+    ["--set", "pairs"],
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any field, JSON values; a dotted key sets a field of a section (finetune.epochs=3).",
+)
+
+
+def model_command(
+    name: str,
+    model: type[BaseModel],
+    action: Callable[[Any], Any],
+    help: str,
+    arguments: tuple[str, ...] = (),
+    epilog: str | None = None,
+) -> click.Command:
+    """A command whose options are `model`'s fields (`arguments` positional), plus `--set`."""
+    params: list[click.Parameter] = []
+    for argument in arguments:
+        multiple = _option_type(model.model_fields[argument].annotation)[1]
+        params.append(click.Argument([argument], nargs=-1 if multiple else 1, required=False))
+
+    def callback(pairs: tuple[str, ...], **given: Any) -> None:
+        _configure_environment()
+        action(build_params(model, given, pairs))
+
+    return click.Command(
+        name,
+        callback=callback,
+        params=[*params, *model_options(model, skip=arguments), SET_OPTION],
+        help=help,
+        epilog=epilog,
     )
-    return getattr(module, name), params_cls
 
 
-def run_pipeline(settings: dict[str, Any]):
-    from flows.pipeline import PipelineParams, pipeline
-
-    return pipeline(PipelineParams(**settings))
+# --- what the commands do ---------------------------------------------------------------------
 
 
-def print_search(
-    workspace: str, query: str, k: int, alias: str, rerank: int = 0
-) -> list[dict[str, Any]]:
+def _print_json(result: BaseModel) -> None:
+    click.echo(result.model_dump_json(indent=2))
+
+
+def run_pipeline(params: Any) -> Any:
+    from flows.pipeline import pipeline
+
+    return pipeline(params)
+
+
+def print_waiting(holder: Any) -> None:
+    who = holder.describe() if holder else "another process"
+    click.echo(f"waiting for the publish lock: held by {who}")
+
+
+def print_search(params: Any) -> list[dict[str, Any]]:
     """Run the search flow's body here (no flow run for a one-off query); it prints the hits."""
-    from flows.search import SearchParams
     from flows.search import search as search_flow
 
-    params = SearchParams(workspace=workspace, query=query, k=k, alias=alias, rerank=rerank)
     return search_flow.fn(params)
 
 
-def print_demo_summary(result, workspace: str) -> None:
-    from tasks.workspace import Workspace, load_rows
+def rollback(params: Any) -> None:
+    from tasks.store import rollback as roll_back
 
-    ws = Workspace.at(workspace)
-    print("\n" + "=" * 72)
-    print(f"model:   {result.model_path}")
-    print(f"report:  {result.report_dir}/report.md")
-    print(f"chroma:  {ws.chroma_dir}")
-    if result.published:
-        print(f"alias:   {result.alias} -> {result.collection}")
-    else:
-        print(f"gate:    not published: {result.gate_reason}")
-    print(f"seconds: {json.dumps(result.seconds)}")
-    metrics_md = Path(result.report_dir) / "report.md"
-    if metrics_md.exists():
-        print("\n" + metrics_md.read_text())
-    if result.published:
-        test = [q for q in load_rows(ws.questions_dir) if q["kept"] and q["split"] == "test"]
-        if test:
-            # The first held-out question, whatever its fate: a demo that picked a question
-            # the model gets right would show nothing.
-            query, source = test[0]["question"], test[0]["chunk_id"]
-            print(f"\nExample search, a held-out question: {query!r}")
-            hits = print_search(workspace, query, 5, result.alias)
-            ranks = [rank for rank, hit in enumerate(hits, 1) if hit["id"] == source]
-            where = f"rank {ranks[0]}" if ranks else "not in the top 5"
-            print(f"The chunk this question was generated from ({source}) is {where}.")
+    live = roll_back(params.open_store(), params.alias, on_wait=print_waiting)
+    click.echo(f"{params.alias} -> {live}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ragtune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def prune(params: Any) -> None:
+    from tasks.store import remove_unaliased
 
-    demo = sub.add_parser("demo", help="Run the offline demo pipeline on data/sources.")
-    demo.add_argument("--workspace", default="workspace")
-
-    run = sub.add_parser("run", help="Run the whole pipeline.")
-    run.add_argument("--profile", default="demo", choices=["demo", "production"])
-    run.add_argument("--workspace", default="workspace")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-    for name in STAGES:
-        stage = sub.add_parser(name, help=f"Run the {name} stage alone.")
-        stage.add_argument("--workspace", default="workspace")
-        stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-    search = sub.add_parser("search", help="Query the published collection.")
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=5)
-    search.add_argument("--alias", default="docs")
-    search.add_argument("--workspace", default="workspace")
-    search.add_argument(
-        "--rerank",
-        type=int,
-        default=0,
-        metavar="N",
-        help="Let the bundled LLM read the top N chunks and reorder them (slower, better).",
-    )
-
-    sub.add_parser("serve", help="Serve every deployment in prefect.yaml from this process.")
-
-    rollback = sub.add_parser("rollback", help="Point the alias back at the previous version.")
-    rollback.add_argument("--alias", default="docs")
-    store_options(rollback)
-
-    prune = sub.add_parser(
-        "prune", help="Remove versions no alias uses (what an interrupted publish left)."
-    )
-    store_options(prune)
-
-    unlock = sub.add_parser(
-        "unlock", help="Clear a Chroma server's publish lease whose holder is dead."
-    )
-    store_options(unlock)
-    return parser
+    removed = remove_unaliased(params.open_store(), on_wait=print_waiting)
+    click.echo(f"removed {len(removed)} unaliased version(s)")
+    for name in removed:
+        click.echo(f"  {name}")
 
 
-def store_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--workspace", default="workspace")
-    command.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Store settings: chroma_path, chroma_host, chroma_port, chroma_token_env.",
+def unlock(params: Any) -> None:
+    from tasks.locks import break_lock
+
+    holder = break_lock(params.open_store())
+    click.echo(
+        f"cleared the publish lease of {holder.describe()}"
+        if holder
+        else "no lease to clear (an embedded store's lock ends with its process)"
     )
 
 
-def open_store(args: argparse.Namespace):
-    from flows.search import StoreParams
+def demo(workspace: str) -> None:
+    from flows.demo import print_demo_summary
+    from flows.pipeline import PipelineParams
 
-    return StoreParams(workspace=args.workspace, **parse_settings(args.set)).open_store()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _configure_environment()
+    result = run_pipeline(PipelineParams(workspace=workspace, profile="demo"))
+    print_demo_summary(result, workspace)
 
 
-def print_waiting(holder) -> None:
-    who = holder.describe() if holder else "another process"
-    print(f"waiting for the publish lock: held by {who}", flush=True)
+def build_cli() -> click.Group:
+    from flows.evaluate import EvaluateParams
+    from flows.finetune import FinetuneParams
+    from flows.ingest import IngestParams
+    from flows.pipeline import PipelineParams
+    from flows.publish import PublishParams
+    from flows.questions import QuestionParams
+    from flows.search import SearchParams, StoreParams
+
+    class AliasParams(StoreParams):
+        alias: str = SearchParams.model_fields["alias"]
+
+    cli = click.Group("ragtune", help=__doc__.split("\n\n")[0])
+    cli.add_command(
+        click.Command(
+            "demo",
+            callback=demo,
+            params=[click.Option(["--workspace"], default="workspace", show_default=True)],
+            help="Run the offline demo pipeline on data/sources and show what it did.",
+        )
+    )
+    cli.add_command(
+        model_command(
+            "run",
+            PipelineParams,
+            lambda p: _print_json(run_pipeline(p)),
+            "Run the whole pipeline on SOURCES (folders or files).",
+            arguments=("sources",),
+            epilog=sections_help(PipelineParams),
+        )
+    )
+    stages = {
+        "ingest": (IngestParams, ("sources",)),
+        "questions": (QuestionParams, ()),
+        "finetune": (FinetuneParams, ()),
+        "evaluate": (EvaluateParams, ()),
+        "publish": (PublishParams, ()),
+    }
+    for name, (model, arguments) in stages.items():
+        cli.add_command(
+            model_command(
+                name,
+                model,
+                lambda p, name=name: _print_json(_stage_flow(name)(p)),
+                f"Run the {name} stage alone.",
+                arguments=arguments,
+            )
+        )
+    cli.add_command(
+        model_command(
+            "search", SearchParams, print_search, "Query the published collection.", ("query",)
+        )
+    )
+    cli.add_command(
+        model_command(
+            "rollback", AliasParams, rollback, "Point the alias back at the previous version."
+        )
+    )
+    cli.add_command(
+        model_command(
+            "prune", StoreParams, prune, "Remove versions no alias uses (left by a killed publish)."
+        )
+    )
+    cli.add_command(
+        model_command(
+            "unlock", StoreParams, unlock, "Clear a Chroma server's publish lease (holder dead)."
+        )
+    )
+    cli.add_command(
+        click.Command(
+            "serve",
+            callback=_serve,
+            help="Serve every deployment in prefect.yaml from this process (no work pool).",
+        )
+    )
+    return cli
+
+
+def _stage_flow(name: str) -> Callable[[Any], Any]:
+    import importlib
+
+    return getattr(importlib.import_module(f"flows.{name}"), name)
+
+
+def _serve() -> None:
+    from flows.serve import main as serve
+
+    _configure_environment()
+    serve()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_environment()
-    if args.command == "demo":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        result = run_pipeline({"workspace": args.workspace, "profile": "demo"})
-        print_demo_summary(result, args.workspace)
-    elif args.command == "run":
-        settings = {"workspace": args.workspace, "profile": args.profile}
-        result = run_pipeline(settings | parse_settings(args.set))
-        print(result.model_dump_json(indent=2))
-    elif args.command in STAGES:
-        flow_fn, params_cls = _stage(args.command)
-        params = params_cls(workspace=args.workspace, **parse_settings(args.set))
-        print(flow_fn(params).model_dump_json(indent=2))
-    elif args.command == "search":
-        print_search(args.workspace, args.query, args.k, args.alias, args.rerank)
-    elif args.command == "serve":
-        from flows.serve import main as serve
-
-        serve()
-    elif args.command == "rollback":
-        from tasks.store import rollback
-
-        live = rollback(open_store(args), args.alias, on_wait=print_waiting)
-        print(f"{args.alias} -> {live}")
-    elif args.command == "prune":
-        from tasks.store import remove_unaliased
-
-        removed = remove_unaliased(open_store(args), on_wait=print_waiting)
-        print(f"removed {len(removed)} unaliased version(s)" + "".join(f"\n  {n}" for n in removed))
-    elif args.command == "unlock":
-        from tasks.locks import break_lock
-
-        holder = break_lock(open_store(args))
-        print(
-            f"cleared the publish lease of {holder.describe()}"
-            if holder
-            else "no lease to clear (an embedded store's lock ends with its process)"
-        )
+    """Run the command line; returns the exit code (2 for a usage error, as click does)."""
+    try:
+        build_cli().main(args=argv, prog_name="ragtune", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact, table
+from flows.params import Params
 from tasks.beir import load_beir
 from tasks.evaluation import (
     MetricsError,
@@ -27,18 +28,13 @@ from tasks.evaluation import (
 from tasks.models import MINILM, load_model
 from tasks.relevance import rerank_evaluation
 from tasks.report import card_section, dim_rows, report_markdown, update_model_card, write_report
+from tasks.training_data import held_out_queries
 from tasks.workspace import Workspace, load_rows
 
 
-class EvaluateParams(BaseModel):
-    workspace: str = Field("workspace", description="Workspace folder shared by all stages.")
-    base_model: str = Field(
-        MINILM, description="The model the tuned one must beat (bundled name, folder or hub id)."
-    )
-    tuned_model: str | None = Field(
-        None,
-        description="Folder of the tuned model; default: the newest model in the workspace.",
-    )
+class EvaluateSettings(Params):
+    """How the tuned model is judged: the evaluate section of the pipeline's parameters."""
+
     other_models: list[str] = Field(
         default_factory=list,
         description="More models to show in the report for comparison (not gated).",
@@ -71,6 +67,17 @@ class EvaluateParams(BaseModel):
     run_name: str | None = Field(None, description="Report folder name; default: a timestamp.")
 
 
+class EvaluateParams(EvaluateSettings):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    base_model: str = Field(
+        MINILM, description="The model the tuned one must beat (bundled name, folder or hub id)."
+    )
+    tuned_model: str | None = Field(
+        None,
+        description="Folder of the tuned model; default: the newest model in the workspace.",
+    )
+
+
 class EvaluateResult(BaseModel):
     report_dir: str
     publish: bool
@@ -99,28 +106,9 @@ def newest_model(ws: Workspace) -> Path:
 def generated_eval_set(
     ws: Workspace,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
-    """Corpus = every chunk; queries = kept held-out questions; relevant = each one's chunk.
-
-    Query ids are the question's row index, stable for an unchanged question set.
-    """
+    """Corpus = every chunk; queries = kept held-out questions; relevant = each one's chunk."""
     corpus = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
-    queries: dict[str, str] = {}
-    relevant: dict[str, set[str]] = {}
-    stale = 0
-    for n, row in enumerate(load_rows(ws.questions_dir)):
-        if row.get("split") != "test" or not row.get("kept"):
-            continue
-        if row["chunk_id"] not in corpus:
-            stale += 1
-            continue
-        qid = f"q{n}"
-        queries[qid] = row["question"]
-        relevant[qid] = {row["chunk_id"]}
-    if stale:
-        raise MetricsError(
-            f"{stale} test questions in {ws.questions_dir} refer to chunks that are no longer in "
-            f"{ws.chunks_dir}: re-run the questions flow after re-chunking."
-        )
+    queries, relevant = held_out_queries(load_rows(ws.questions_dir), corpus)
     if not queries:
         raise MetricsError(
             f"No kept test-split questions in {ws.questions_dir}: nothing to evaluate on. "

@@ -13,6 +13,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.params import Params
 from tasks.models import MINILM, model_tag
 from tasks.training import DEFAULT_RECIPE, RECIPES, TrainResult, get_recipe, train
 from tasks.training_data import held_out_queries, load_pairs, pairs_from_questions
@@ -22,9 +23,9 @@ from tasks.workspace import Workspace, fingerprint, load_rows
 CURVE_ROWS = 60
 
 
-class FinetuneParams(BaseModel):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    base_model: str = Field(MINILM, description="Model to tune: bundled name, hub id or folder.")
+class FinetuneSettings(Params):
+    """How the model is trained: the finetune section of the pipeline's parameters."""
+
     recipe: str = Field(
         DEFAULT_RECIPE,
         description=f"Training recipe: {', '.join(RECIPES)}.",
@@ -51,6 +52,11 @@ class FinetuneParams(BaseModel):
     output_name: str | None = Field(
         None, description="Folder name under models/; blank: derived from model, recipe, data."
     )
+
+
+class FinetuneParams(FinetuneSettings):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    base_model: str = Field(MINILM, description="Model to tune: bundled name, hub id or folder.")
     seed: int = Field(42, description="Seed for batching and initialisation.")
 
 

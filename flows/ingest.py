@@ -13,22 +13,16 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.params import Params
 from tasks.chunking import chunk_pages, max_chunk_tokens
 from tasks.documents import RecordFields, read_documents
 from tasks.models import MINILM, cached_model
 from tasks.workspace import Workspace, fingerprint_rows, save_rows
 
 
-class IngestParams(BaseModel):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    sources: list[str] = Field(
-        default_factory=lambda: ["data/sources"],
-        description="Folders or files to read: PDF, Markdown, text, and JSONL/CSV record files.",
-    )
-    model: str = Field(
-        MINILM,
-        description="Embedding model whose tokenizer measures chunks (bundled name, hub id, path).",
-    )
+class IngestSettings(Params):
+    """How documents become chunks: the ingest section of the pipeline's parameters."""
+
     max_tokens: int = Field(
         256, description="Chunk length in the model's tokens; capped at what the model embeds."
     )
@@ -37,6 +31,18 @@ class IngestParams(BaseModel):
     records_text_field: str = Field("text", description="Record files: the field with the text.")
     records_title_field: str | None = Field(
         "title", description="Record files: the field with a title (blank: none)."
+    )
+
+
+class IngestParams(IngestSettings):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    sources: list[str] = Field(
+        default_factory=lambda: ["data/sources"],
+        description="Folders or files to read: PDF, Markdown, text, and JSONL/CSV record files.",
+    )
+    model: str = Field(
+        MINILM,
+        description="Embedding model whose tokenizer measures chunks (bundled name, hub id, path).",
     )
 
 

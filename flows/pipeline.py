@@ -7,26 +7,29 @@ chooses defaults (from a profile), passes paths between stages and applies the g
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from prefect import flow
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table
-from flows.evaluate import EvaluateParams, evaluate
-from flows.finetune import FinetuneParams, finetune
+from flows.evaluate import EvaluateParams, EvaluateSettings, evaluate
+from flows.finetune import FinetuneParams, FinetuneSettings, finetune
 from flows.incremental import StageRunner, sources_key
-from flows.ingest import IngestParams, ingest
+from flows.ingest import IngestParams, IngestSettings, ingest
+from flows.params import Params
 from flows.profiles import ProfileName, profile_defaults
-from flows.publish import PublishParams, publish
-from flows.questions import QuestionParams, questions
+from flows.publish import PublishParams, PublishSettings, publish
+from flows.questions import QuestionParams, QuestionSettings, questions
 from flows.runners import RunnerParams
 from flows.search import StoreParams
 
 
-class PipelineParams(StoreParams, RunnerParams):
-    """What a user sets for a whole run; blank fields take the profile's default."""
+class RunParams(StoreParams, RunnerParams):
+    """What the pipeline and the nightly refresh share: where things are, what to read, the base
+    model and the seed once, then one section per stage. A field left unset in a section takes
+    the profile's value, then the section's own default."""
 
     profile: ProfileName = Field(
         "demo", description="demo: offline, bundled models, minutes on CPU. production: bge-base."
@@ -36,90 +39,89 @@ class PipelineParams(StoreParams, RunnerParams):
         description="Folders or files to ingest (PDF, Markdown, text, JSONL/CSV records).",
     )
     base_model: str | None = Field(
-        None, description="Embedding model to tune (name, hub id, path)."
-    )
-    max_tokens: int = Field(256, description="Target chunk length in the model's tokens.")
-    overlap: int = Field(32, description="Tokens shared by neighbouring chunks.")
-    generator: str | None = Field(None, description="Question generator: local or api.")
-    generator_settings: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Generator settings, e.g. base_url and model for api. Never put keys here.",
-    )
-    questions_per_chunk: int | None = Field(None, description="Questions asked per chunk.")
-    max_chunks: int | None = Field(None, description="Generate for at most this many chunks.")
-    questions_only: bool = Field(
-        True,
-        description="Keep only generated lines ending in '?'; off for statement or keyword "
-        "queries.",
-    )
-    recipe: str | None = Field(None, description="Training recipe, e.g. matryoshka-mnrl.")
-    epochs: int | None = Field(None, description="Training epochs.")
-    batch_size: int | None = Field(None, description="Training batch size.")
-    learning_rate: float | None = Field(None, description="Training learning rate.")
-    max_steps: int | None = Field(None, description="Stop training after this many steps.")
-    max_seq_length: int | None = Field(None, description="Truncate training inputs (speed).")
-    seed: int = Field(42, description="Seed for sampling, splitting and training.")
-    tolerance: float = Field(
-        0.01, description="Publish the smallest dim within this share of the best NDCG@10."
-    )
-    margin: float | None = Field(
         None,
-        description="Required NDCG@10 gain to publish; blank: the 95% interval must clear zero.",
+        description="Embedding model that chunks are measured with, that filters questions and "
+        "is tuned (name, hub id, path); blank: the profile's.",
     )
-    rerank: int = Field(
-        0,
-        ge=0,
-        le=100,
-        description="Also report the tuned model with its top N re-ranked by the LLM judge "
-        "(about a second per held-out question on CPU); 0: off.",
+    seed: int = Field(42, description="Seed for sampling, splitting and training.")
+    ingest: IngestSettings = Field(default_factory=IngestSettings, description="Chunking")
+    questions: QuestionSettings = Field(
+        default_factory=QuestionSettings, description="Question generation and filtering"
     )
-    publish_if_gated: bool = Field(
-        False, description="Publish the tuned model even when the gate says it is not better."
+    publish: PublishSettings = Field(
+        default_factory=PublishSettings, description="Publishing to Chroma"
     )
-    alias: str = Field("docs", description="Stable Chroma name that readers query.")
 
-    def resolved(self) -> PipelineParams:
-        """These parameters with blanks filled from the profile."""
-        filled = {
-            key: value
-            for key, value in profile_defaults(self.profile).items()
-            if getattr(self, key) is None
-        }
-        return self.model_copy(update=filled)
+    def resolved(self) -> Self:
+        """These parameters with blanks filled from the profile: `base_model` when None, and in
+        each section every field the user did not set."""
+        defaults = profile_defaults(self.profile)
+        update: dict[str, Any] = {}
+        if self.base_model is None:
+            update["base_model"] = defaults.get("base_model")
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if isinstance(section, Params) and name in defaults:
+                fill = {
+                    key: value
+                    for key, value in defaults[name].items()
+                    if key not in section.model_fields_set
+                }
+                update[name] = section.model_copy(update=fill)
+        return self.model_copy(update=update)
 
     def ingest_params(self) -> IngestParams:
         return IngestParams(
             workspace=self.workspace,
             sources=self.sources,
             model=self.base_model,
-            max_tokens=self.max_tokens,
-            overlap=self.overlap,
+            **self.ingest.model_dump(),
         )
 
     def question_params(self) -> QuestionParams:
         return QuestionParams(
             **self.runner_settings(),
             workspace=self.workspace,
-            generator=self.generator,
-            generator_settings=self.generator_settings,
-            questions_per_chunk=self.questions_per_chunk,
-            max_chunks=self.max_chunks,
-            questions_only=self.questions_only,
             round_trip_model=self.base_model,
             seed=self.seed,
+            **self.questions.model_dump(),
         )
+
+    def publish_params(self, **chosen: Any) -> PublishParams:
+        """Publishing as set here, with what earlier stages chose (model, dim, metrics)."""
+        return PublishParams(
+            **self.store_settings(),
+            **self.runner_settings(),
+            **self.publish.model_dump(),
+            **chosen,
+        )
+
+
+class PipelineParams(RunParams):
+    """What a user sets for a whole run: every stage's section, and what to do at the gate."""
+
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="Fine-tuning")
+    evaluate: EvaluateSettings = Field(
+        default_factory=EvaluateSettings, description="Evaluation and the gate"
+    )
+    publish_if_gated: bool = Field(
+        False, description="Publish the tuned model even when the gate says it is not better."
+    )
 
     def finetune_params(self) -> FinetuneParams:
         return FinetuneParams(
             workspace=self.workspace,
             base_model=self.base_model,
-            recipe=self.recipe,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            max_steps=self.max_steps,
-            max_seq_length=self.max_seq_length,
             seed=self.seed,
+            **self.finetune.model_dump(),
+        )
+
+    def evaluate_params(self, tuned_model: str) -> EvaluateParams:
+        return EvaluateParams(
+            workspace=self.workspace,
+            base_model=self.base_model,
+            tuned_model=tuned_model,
+            **self.evaluate.model_dump(),
         )
 
 
@@ -143,45 +145,19 @@ def pipeline(params: PipelineParams | None = None) -> State:
     """Tune a retriever on a folder of documents and publish it to Chroma if it is better."""
     p = (params or PipelineParams()).resolved()
     stages = StageRunner(p.workspace, first_key=sources_key(p.sources))
-    chunked = stages.run(
-        "ingest",
-        ingest,
-        p.ingest_params(),
-    )
-    asked = stages.run(
-        "questions",
-        questions,
-        p.question_params(),
-    )
-    tuned = stages.run(
-        "finetune",
-        finetune,
-        p.finetune_params(),
-    )
-    judged = stages.run(
-        "evaluate",
-        evaluate,
-        EvaluateParams(
-            workspace=p.workspace,
-            base_model=p.base_model,
-            tuned_model=tuned.model_path,
-            tolerance=p.tolerance,
-            margin=p.margin,
-            rerank=p.rerank,
-        ),
-    )
+    chunked = stages.run("ingest", ingest, p.ingest_params())
+    asked = stages.run("questions", questions, p.question_params())
+    tuned = stages.run("finetune", finetune, p.finetune_params())
+    judged = stages.run("evaluate", evaluate, p.evaluate_params(tuned.model_path))
     published = None
     if judged.publish or p.publish_if_gated:
         headline = judged.metrics.get("tuned", {}).get(judged.dim, {})
         published = stages.run(
             "publish",
             publish,
-            PublishParams(
-                **p.store_settings(),
-                **p.runner_settings(),
+            p.publish_params(
                 model=tuned.model_path,
                 dim=judged.dim,
-                alias=p.alias,
                 metrics={k: float(v) for k, v in headline.items()},
             ),
         )

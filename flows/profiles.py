@@ -9,29 +9,30 @@ from tasks.models import BGE_BASE, MINILM
 
 ProfileName = Literal["demo", "production"]
 
+#: Per profile: the base model, then a value for fields of each stage's section.
 PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "base_model": MINILM,
-        "generator": "local",
-        "questions_per_chunk": 3,
-        "max_chunks": None,
-        "recipe": "matryoshka-mnrl",
-        "epochs": 3,
-        "batch_size": 32,
-        "learning_rate": 5e-5,
-        # Short sequences are most of the CPU speed-up (NOTES.md); chunks stay 256 tokens.
-        "max_seq_length": 128,
+        "questions": {"generator": "local", "questions_per_chunk": 3},
+        "finetune": {
+            "recipe": "matryoshka-mnrl",
+            "epochs": 3,
+            "batch_size": 32,
+            "learning_rate": 5e-5,
+            # Short sequences are most of the CPU speed-up (docs/library-notes.md); chunks stay
+            # 256 tokens.
+            "max_seq_length": 128,
+        },
     },
     "production": {
         "base_model": BGE_BASE,
-        "generator": "api",
-        "questions_per_chunk": 2,
-        "max_chunks": None,
-        "recipe": "matryoshka-mnrl",
-        "epochs": 5,
-        "batch_size": 20,
-        "learning_rate": 5e-5,
-        "max_seq_length": None,
+        "questions": {"generator": "api", "questions_per_chunk": 2},
+        "finetune": {
+            "recipe": "matryoshka-mnrl",
+            "epochs": 5,
+            "batch_size": 20,
+            "learning_rate": 5e-5,
+        },
     },
 }
 

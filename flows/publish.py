@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.params import Params
 from flows.runners import RunnerParams, started_on_first_use
 from flows.search import StoreParams
 from tasks import store
@@ -31,7 +32,23 @@ if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
 
 
-class PublishParams(StoreParams, RunnerParams):
+class PublishSettings(Params):
+    """Where and how a model's chunks are published: the publish section of the pipeline's
+    parameters."""
+
+    alias: str = Field("docs", description="Stable name readers query; moved to the new version.")
+    corpus: str = Field("docs", description="Corpus name, the first part of collection names.")
+    keep_versions: int = Field(
+        3, ge=2, description="Versions kept per alias (live and previous are always kept)."
+    )
+    lock_timeout_s: float = Field(
+        3600,
+        gt=0,
+        description="Seconds to wait for another publisher of the same store before failing.",
+    )
+
+
+class PublishParams(PublishSettings, StoreParams, RunnerParams):
     model: str | None = Field(
         None,
         description="Embedding model (folder, bundled name or hub id); blank: the newest model "
@@ -40,18 +57,8 @@ class PublishParams(StoreParams, RunnerParams):
     dim: int | None = Field(
         None, ge=1, description="Embedding dimension (Matryoshka); blank: the model's full width."
     )
-    alias: str = Field("docs", description="Stable name readers query; moved to the new version.")
-    corpus: str = Field("docs", description="Corpus name, the first part of collection names.")
-    keep_versions: int = Field(
-        3, ge=2, description="Versions kept per alias (live and previous are always kept)."
-    )
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Headline metrics to record on the collection."
-    )
-    lock_timeout_s: float = Field(
-        3600,
-        gt=0,
-        description="Seconds to wait for another publisher of the same store before failing.",
     )
 
 

@@ -23,6 +23,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.params import Params
 from flows.runners import RunnerParams, started_on_first_use
 from tasks.generators import Generation, QuestionGenerator, make_generator
 from tasks.models import MINILM, cached_model
@@ -42,7 +43,10 @@ if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
 
 
-class QuestionParams(RunnerParams):
+class QuestionSettings(Params):
+    """How questions are asked, filtered and split: the questions section of the pipeline's
+    parameters."""
+
     generator: str = Field("local", description="Question generator: local (bundled) or api.")
     generator_settings: dict[str, Any] = Field(
         default_factory=dict,
@@ -56,9 +60,6 @@ class QuestionParams(RunnerParams):
     round_trip_top_k: int = Field(
         10, ge=1, description="Keep a question only if the base model ranks its chunk this high."
     )
-    round_trip_model: str = Field(
-        MINILM, description="The base embedding model used for the round-trip filter."
-    )
     questions_only: bool = Field(
         True,
         description="Keep only generated lines that end with '?'. Turn off when your users "
@@ -69,13 +70,19 @@ class QuestionParams(RunnerParams):
     split_by: Literal["chunk", "document"] = Field(
         "chunk", description="Keep each chunk (or each whole document) on one side of the split."
     )
-    seed: int = Field(42, description="Seed for the chunk sample, the generator and the split.")
     generation_batch: int = Field(
         16,
         ge=1,
         description="Chunks per generation batch: the question cache is written batch by batch, "
         "and with task_runner=dask each batch is one task on a worker.",
     )
+
+
+class QuestionParams(QuestionSettings, RunnerParams):
+    round_trip_model: str = Field(
+        MINILM, description="The base embedding model used for the round-trip filter."
+    )
+    seed: int = Field(42, description="Seed for the chunk sample, the generator and the split.")
 
     def generator_kwargs(self) -> dict[str, Any]:
         """The settings the generator is built with: n and seed from these parameters, then

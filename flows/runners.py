@@ -14,7 +14,9 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from flows.params import Params
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
@@ -26,7 +28,7 @@ TaskRunnerName = Literal["threads", "dask"]
 RUNNER_FIELDS = ("task_runner", "dask_address", "dask_workers")
 
 
-class RunnerParams(BaseModel):
+class RunnerParams(Params):
     """Parameters of a stage that can fan its work out to Dask.
 
     `workspace` is declared here too, so that it stays the first field of every stage's form

@@ -12,8 +12,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from flows.params import Params
 from tasks import store
 from tasks.relevance import reorder_head, rerank
 from tasks.workspace import Workspace
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from chromadb.api import ClientAPI
 
 
-class StoreParams(BaseModel):
+class StoreParams(Params):
     """Where the Chroma store is: a folder in the workspace, or a `chroma run` server.
 
     Every flow that reads or writes the store takes these fields, so one setting points the

@@ -110,17 +110,30 @@ def held_out_queries(
 ) -> tuple[dict[str, str], dict[str, set[str]]]:
     """Kept questions of the held-out split as IR queries, each relevant to its own chunk.
 
-    Questions whose chunk is gone (the corpus changed since they were asked) are left out
-    rather than counted as misses.
+    The one definition of the held-out set, for evaluation during training and after it. Query
+    ids are the question's row number, stable for an unchanged question set. A question whose
+    chunk is gone (re-chunked since it was asked) is an error: leaving it out would quietly
+    shrink the test, counting it a miss would blame the model.
     """
+    from tasks.evaluation import MetricsError
+
     queries: dict[str, str] = {}
     relevant: dict[str, set[str]] = {}
+    stale = 0
     for number, q in enumerate(questions):
-        if q.get("split") != split or not q.get("kept", True) or q["chunk_id"] not in chunks:
+        if q.get("split") != split or not q.get("kept"):
+            continue
+        if q["chunk_id"] not in chunks:
+            stale += 1
             continue
         qid = f"q{number}"
         queries[qid] = q["question"]
         relevant[qid] = {q["chunk_id"]}
+    if stale:
+        raise MetricsError(
+            f"{stale} {split} questions refer to chunks that are no longer in the corpus: "
+            f"re-run the questions flow after re-chunking."
+        )
     return queries, relevant
 
 

@@ -94,13 +94,23 @@ def test_deployments_apply_and_a_worker_runs_the_demo(prefect_server, tmp_path):
     params = {
         "workspace": str(tmp_path / "workspace"),
         "sources": [str(sources)],
-        "max_tokens": 128,
-        "questions_per_chunk": 2,
-        "max_steps": 2,
-        "batch_size": 8,
-        "max_seq_length": 64,
+        "ingest": {"max_tokens": 128},
+        "questions": {"questions_per_chunk": 2},
+        "finetune": {"max_steps": 2, "batch_size": 8, "max_seq_length": 64},
         "publish_if_gated": True,
     }
+    # A misspelt setting is refused before any run starts, naming it.
+    typo = json.dumps({"params": params | {"finetune": {"epochz": 5}}})
+    refused = subprocess.run(
+        [BIN / "prefect", "deployment", "run", "pipeline/demo", "--params", typo],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode != 0 and "epochz" in refused.stdout + refused.stderr
+
     out = prefect(
         env, "deployment", "run", "pipeline/demo", "--params", json.dumps({"params": params})
     )

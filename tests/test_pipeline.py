@@ -27,21 +27,21 @@ def small_corpus(tmp_path_factory):
     return folder
 
 
-def tiny_params(workspace, sources):
+def tiny_params(workspace, sources, **changes):
+    """Pipeline parameters as a user writes them: a section per stage, unset fields left to the
+    demo profile."""
     from flows.pipeline import PipelineParams
 
-    return PipelineParams(
-        workspace=str(workspace),
-        profile="demo",
-        sources=[str(source) for source in sources],
-        max_tokens=128,
-        overlap=16,
-        questions_per_chunk=2,
-        max_steps=4,
-        batch_size=8,
-        max_seq_length=64,
-        publish_if_gated=True,
-    )
+    settings = {
+        "workspace": str(workspace),
+        "profile": "demo",
+        "sources": [str(source) for source in sources],
+        "ingest": {"max_tokens": 128, "overlap": 16},
+        "questions": {"questions_per_chunk": 2},
+        "finetune": {"max_steps": 4, "batch_size": 8, "max_seq_length": 64},
+        "publish_if_gated": True,
+    }
+    return PipelineParams(**settings | changes)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_second_run_on_unchanged_corpus_reuses_every_stage(pipeline_run, small_c
     from flows.pipeline import pipeline
 
     first, workspace = pipeline_run
-    elsewhere = tiny_params(workspace, [small_corpus]).model_copy(update={"task_runner": "dask"})
+    elsewhere = tiny_params(workspace, [small_corpus], task_runner="dask")
     again = pipeline(elsewhere)
     assert again.reused == ["ingest", "questions", "finetune", "evaluate"]
     assert again.model_path == first.model_path
@@ -146,7 +146,7 @@ def test_asking_for_reranking_reruns_only_the_evaluation(pipeline_run, small_cor
     from flows.pipeline import pipeline
 
     first, workspace = pipeline_run
-    judged = pipeline(tiny_params(workspace, [small_corpus]).model_copy(update={"rerank": 3}))
+    judged = pipeline(tiny_params(workspace, [small_corpus], evaluate={"rerank": 3}))
 
     assert judged.reused == ["ingest", "questions", "finetune"]
     assert judged.model_path == first.model_path
@@ -170,7 +170,13 @@ def test_refresh_with_a_new_document_asks_only_about_its_chunks(
         "must notify affected users within seventy-two hours and record the incident in the "
         "risk register, together with the model version and the prompt that caused it.\n"
     )
-    refreshed = refresh(tiny_params(workspace, [small_corpus, extra]))
+    from flows.pipeline import RunParams
+
+    # Refresh takes only the settings it uses: no training or evaluation sections.
+    settings = tiny_params(workspace, [small_corpus, extra]).model_dump(
+        exclude={"finetune", "evaluate", "publish_if_gated"}
+    )
+    refreshed = refresh(RunParams(**settings))
     after = load_rows(Workspace.at(workspace).chunks_dir)
     new = [c for c in after if c["id"] not in before]
     assert new and {c["source"] for c in new} == {"notes.md"}

@@ -8,6 +8,7 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
+from tasks.evaluation import MetricsError
 from tasks.training_data import held_out_queries, load_pairs, pairs_from_questions
 
 
@@ -101,8 +102,14 @@ def test_held_out_queries_are_kept_test_questions_relevant_to_their_own_chunk():
         {"question": "train q", "chunk_id": "c1", "split": "train", "kept": True},
         {"question": "test q", "chunk_id": "c2", "split": "test", "kept": True},
         {"question": "rejected", "chunk_id": "c2", "split": "test", "kept": False},
-        {"question": "stale", "chunk_id": "gone", "split": "test", "kept": True},
+        {"question": "unmarked", "chunk_id": "c2", "split": "test"},
     ]
     queries, relevant = held_out_queries(questions, chunks)
-    assert list(queries.values()) == ["test q"]
-    assert relevant == {qid: {"c2"} for qid in queries}
+    assert queries == {"q1": "test q"}
+    assert relevant == {"q1": {"c2"}}
+
+
+def test_held_out_questions_about_chunks_that_are_gone_are_an_error():
+    questions = [{"question": "stale", "chunk_id": "gone", "split": "test", "kept": True}]
+    with pytest.raises(MetricsError, match=r"1 test questions .* re-run the questions flow"):
+        held_out_queries(questions, {"c1": "one"})

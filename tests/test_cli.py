@@ -1,0 +1,80 @@
+"""The `ragtune` command and the parameter models behind it, as a user meets them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flows.cli import build_params, main, parse_settings
+from flows.pipeline import PipelineParams, RunParams
+from flows.search import SearchParams
+from tasks import store
+from tasks.models import MINILM
+from tests.test_store import nist_rows
+
+
+def test_a_misspelt_setting_from_python_names_the_key_and_the_closest_valid_one():
+    with pytest.raises(ValidationError, match=r"'epochz' \(did you mean 'epochs'\?\)"):
+        PipelineParams(finetune={"epochz": 5})
+    with pytest.raises(ValidationError, match=r"'sourcez' \(did you mean 'sources'\?\)"):
+        PipelineParams(sourcez=["docs/"])
+    # Refresh takes only what refresh uses: a training section is not one of them.
+    with pytest.raises(ValidationError, match=r"unknown setting 'finetune'.*RunParams"):
+        RunParams(finetune={"epochs": 3})
+
+
+def test_a_misspelt_setting_on_the_command_line_fails_before_anything_runs(capsys):
+    assert main(["run", "--set", "finetune.epochz=5"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune: Value error, unknown setting 'epochz' (did you mean 'epochs'?)" in err
+    assert main(["finetune", "--set", "epochz=5"]) == 2
+    assert "'epochz' (did you mean 'epochs'?) for FinetuneParams" in capsys.readouterr().err
+
+
+def test_dotted_keys_reach_a_section_and_the_profile_fills_the_rest():
+    assert parse_settings(["finetune.epochs=3", "finetune.recipe=mnrl", "seed=7"]) == {
+        "finetune": {"epochs": 3, "recipe": "mnrl"},
+        "seed": 7,
+    }
+
+    params = build_params(PipelineParams, {"sources": ("a/", "b/")}, ("finetune.epochs=3",))
+    resolved = params.resolved()
+
+    assert resolved.sources == ["a/", "b/"]
+    assert resolved.finetune.epochs == 3  # what the user set wins over the demo profile's 3...
+    assert resolved.finetune.batch_size == 32  # ...and the profile fills what they did not set
+    assert resolved.questions.generator == "local" and resolved.base_model == MINILM
+    assert resolved.finetune_params().epochs == 3
+    production = build_params(PipelineParams, {"profile": "production"}, ()).resolved()
+    assert production.finetune.epochs == 5 and production.questions.generator == "api"
+
+
+def test_search_help_shows_the_dashboard_forms_descriptions(capsys):
+    assert main(["search", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in ("k", "rerank", "alias", "chroma_host"):
+        assert " ".join(SearchParams.model_fields[name].description.split()) in shown
+
+
+def test_run_help_lists_every_sections_fields(capsys):
+    assert main(["run", "--help"]) == 0
+    shown = capsys.readouterr().out
+    for section in ("ingest", "questions", "finetune", "evaluate", "publish"):
+        assert f"{section}.*" in shown
+    assert "finetune.epochs:" in shown and "questions.test_size:" in shown
+
+
+def test_rollback_prune_and_unlock_work_on_a_real_store(tmp_path, minilm, capsys):
+    workspace = tmp_path / "ws"
+    client = store.connect(workspace / "chroma")
+    first = store.publish(client, nist_rows(range(5, 6), "a"), minilm, MINILM, 384)
+    second = store.publish(client, nist_rows(range(6, 7), "b"), minilm, MINILM, 384)
+    assert second.previous == first.collection
+
+    assert main(["rollback", "--workspace", str(workspace)]) == 0
+    assert capsys.readouterr().out.strip() == f"docs -> {first.collection}"
+    assert main(["prune", "--workspace", str(workspace)]) == 0
+    assert "removed 0 unaliased version(s)" in capsys.readouterr().out
+    assert main(["unlock", "--workspace", str(workspace)]) == 0
+    assert "no lease to clear" in capsys.readouterr().out
+    assert store.resolve_alias(client, "docs").name == first.collection
