@@ -53,6 +53,9 @@ class IngestResult(BaseModel):
     chunks: int
     tokens: int
     skipped: list[str] = Field(default_factory=list)
+    decoded: list[str] = Field(
+        default_factory=list, description="Text files that were not UTF-8, with the encoding read."
+    )
     fingerprint: str
 
 
@@ -76,6 +79,9 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:  # noqa: B008
     )
     for item in skipped:
         logger.warning("skipped %s: %s", item.source, item.reason)
+    decoded = sorted({f"{p.source}: decoded as {p.encoding}" for p in pages if p.encoding})
+    for line in decoded:
+        logger.info("%s (not UTF-8)", line)
 
     chunks = chunk_pages(pages, model.tokenizer, max_tokens=max_tokens, overlap=params.overlap)
     rows = [asdict(chunk) for chunk in chunks]
@@ -91,7 +97,8 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:  # noqa: B008
     )
     markdown(
         "ingest-summary",
-        _summary(params, files, len(pages), len(chunks), tokens, max_tokens, skipped_lines),
+        _summary(params, files, len(pages), len(chunks), tokens, max_tokens, skipped_lines)
+        + "".join(f"\n- {line}" for line in decoded),
         description="What ingest read, chunked and skipped",
     )
     return IngestResult(
@@ -101,6 +108,7 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:  # noqa: B008
         chunks=len(chunks),
         tokens=tokens,
         skipped=skipped_lines,
+        decoded=decoded,
         fingerprint=fingerprint_rows(rows),
     )
 

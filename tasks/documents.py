@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 import statistics
 import unicodedata
@@ -46,6 +47,8 @@ class Page:
     source: str
     page: int
     text: str
+    #: the text encoding detected for a text file that is not UTF-8; None for UTF-8 and PDFs
+    encoding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ def find_documents(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         root = path.resolve()
         for file in sorted(root.rglob("*")):
             relative = file.relative_to(root)
-            if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+            hidden = any(part.startswith(".") for part in relative.parts)
+            # A broken link is kept, so that the reader reports it instead of it vanishing.
+            if (file.is_file() or file.is_symlink()) and not hidden:
                 found.setdefault(file, root)
     return sorted(found.items(), key=lambda item: (str(item[1]), item[0].relative_to(item[1])))
 
@@ -94,7 +99,10 @@ def find_documents(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
 def _relative(path: Path, root: Path | None) -> str:
     if root is None:
         return path.name
-    return path.resolve().relative_to(root.resolve()).as_posix()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.resolve().relative_to(root.resolve()).as_posix()
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,15 +121,18 @@ def read_document(path: Path, root: Path | None = None) -> list[Page]:
     if suffix not in SUPPORTED:
         kind = f"'{suffix}'" if suffix else "(no extension)"
         raise DocumentError(name, f"unsupported file type {kind}")
+    if path.is_symlink() and not path.exists():
+        raise DocumentError(name, f"broken symbolic link to {os.readlink(path)}")
     if path.stat().st_size == 0:
         raise DocumentError(name, "empty file")
+    encoding = None
     if suffix == ".pdf":
         texts = _pdf_pages(path, name)
     else:
-        text = _read_text(path, name)
+        text, encoding = _read_text(path, name)
         texts = [clean_markdown(text) if suffix in {".md", ".markdown"} else clean_text(text)]
     pages = [
-        Page(doc_id=name, source=name, page=number, text=text)
+        Page(doc_id=name, source=name, page=number, text=text, encoding=encoding)
         for number, text in enumerate(texts, start=1)
         if text.strip()
     ]
@@ -131,14 +142,28 @@ def read_document(path: Path, root: Path | None = None) -> list[Page]:
     return pages
 
 
-def _read_text(path: Path, name: str) -> str:
+def _read_text(path: Path, name: str) -> tuple[str, str | None]:
+    """The text and, when it is not UTF-8, the encoding charset-normalizer detected (files
+    saved by older Windows or Mac editors are often Windows-1252 or Latin-1)."""
     data = path.read_bytes()
     if b"\x00" in data[:4096]:
         raise DocumentError(name, "binary content, not text")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as exc:
-        raise DocumentError(name, f"not UTF-8 text (byte {exc.start})") from exc
+        from charset_normalizer import from_bytes
+
+        matches = list(from_bytes(data))
+        if not matches:
+            raise DocumentError(
+                name, f"not UTF-8 (byte {exc.start}) and no other text encoding fits"
+            ) from exc
+        # Short texts often fit several code pages equally well (é is 0xE9 in cp1250 and
+        # cp1252 alike, è is not); among equals, Windows-1252, the commonest legacy encoding.
+        best = matches[0]
+        equals = [m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+        chosen = next((m for m in equals if m.encoding == "cp1252"), best)
+        return str(chosen), chosen.encoding
 
 
 def _pdf_pages(path: Path, name: str) -> list[str]:

@@ -178,6 +178,30 @@ def test_text_is_read_as_is_with_nested_relative_ids(tmp_path):
     assert page.text == "First para.\nStill first.\n\nSecond para."
 
 
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252"])
+def test_text_in_another_encoding_is_decoded_with_its_accents_and_the_encoding_reported(
+    tmp_path, encoding
+):
+    text = (
+        "Le café de la gare reçoit les voyageurs matinaux. Après le déjeuner, "
+        "le maître d'hôtel sert une crème brûlée et un thé glacé à la terrasse.\n"
+    )
+    (tmp_path / "menu.txt").write_bytes(text.encode(encoding))
+
+    pages, skipped = read_documents([tmp_path])
+
+    assert skipped == []
+    [page] = pages
+    assert page.text == text.strip()
+    assert page.encoding is not None and page.encoding != "utf_8"
+
+
+def test_utf8_text_reports_no_encoding(tmp_path):
+    (tmp_path / "a.txt").write_text("Déjà vu.", encoding="utf-8")
+    [page] = read_document(tmp_path / "a.txt", tmp_path)
+    assert page.text == "Déjà vu." and page.encoding is None
+
+
 def test_find_documents_is_recursive_sorted_and_skips_hidden(tmp_path):
     for name in ["b.md", "a.txt", "sub/c.pdf", ".hidden.md", ".git/x.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -204,12 +228,14 @@ def make_bad_files(folder) -> dict[str, str]:
     blank.add_blank_page(612, 792)
     blank.write(folder / "scan.pdf")
     (folder / "report.docx").write_bytes(b"PK\x03\x04 not really a docx")
+    (folder / "moved.pdf").symlink_to(folder / "was-here.pdf")
     return {
         "locked.pdf": "encrypted: needs a password",
         "truncated.pdf": "not a readable PDF: ",
         "empty.txt": "empty file",
         "scan.pdf": "no extractable text (scanned or image-only?)",
         "report.docx": "unsupported file type '.docx'",
+        "moved.pdf": f"broken symbolic link to {folder / 'was-here.pdf'}",
     }
 
 
@@ -227,7 +253,7 @@ def test_each_bad_file_is_reported_and_the_good_ones_are_read(tmp_path):
     assert set(reasons) == set(expected)
     for name, reason in expected.items():
         assert reasons[name].startswith(reason), (name, reasons[name])
-    assert seen[-1] == (7, 7)
+    assert seen[-1] == (8, 8)
 
 
 def test_all_files_bad_raises_no_documents_error_listing_each(tmp_path):
