@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shlex
 import sys
@@ -24,16 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from preamble import NIST_PDF, ROOT, machine
 
-from flows.artifacts import markdown_table  # noqa: E402
-from tasks.generators import Generation  # noqa: E402
-from tasks.generators import local as local_gen  # noqa: E402
+from flows.artifacts import markdown_table
+from tasks.generators import Generation
+from tasks.generators import local as local_gen
 
-NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
 RESULTS = ROOT / "bench" / "RESULTS-generation.md"
 QUESTION_START = re.compile(
     r"^(what|which|who|whom|whose|when|where|why|how|is|are|was|were|do|does|did|can|could|"
@@ -124,8 +119,6 @@ def main() -> None:
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
-    import torch
-
     load_before = os.getloadavg()
     chunks = demo_chunks(args.chunks)
     dtype = local_gen.resolve_dtype("auto")
@@ -160,8 +153,8 @@ def main() -> None:
             "",
             f"Command: `{command.strip()}`",
             "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}; "
-            f"load average {load_before[0]:.1f} before and {load_after[0]:.1f} after (the machine "
+            f"Machine: {machine()}; load average {load_before[0]:.1f} before and "
+            f"{load_after[0]:.1f} after (the machine "
             "is shared: a higher load means slower numbers). Passages: "
             f"{len(chunks)} body chunks of NIST AI 600-1 (256 MiniLM tokens, 32 overlap), "
             "prompt = 2 rotated few-shot examples + the passage; one question per passage unless "
@@ -184,7 +177,7 @@ def main() -> None:
         print(f"wrote {RESULTS}")
 
 
-#: Measured by hand for NOTES.md (llama-cpp-python is not installed: it compiles for ~14 min).
+#: Measured by hand for docs/library-notes.md (llama-cpp-python is not installed: it compiles for ~14 min).
 RUNTIMES = [
     {
         "runtime": "llama-cpp-python",
@@ -192,7 +185,7 @@ RUNTIMES = [
         "first load": "1.1 s",
         "later loads": "1.1 s",
         "speed": "~1.2 s/question, sequential",
-        "source": "NOTES.md",
+        "source": "docs/library-notes.md",
     },
     {
         "runtime": "transformers GGUF loader, fp32",
@@ -200,7 +193,7 @@ RUNTIMES = [
         "first load": "64-79 s (dequantise)",
         "later loads": "~3 s (cached fp32)",
         "speed": "~0.9 s/question batched by 4",
-        "source": "NOTES.md",
+        "source": "docs/library-notes.md",
     },
     {
         "runtime": "transformers, tasks/generators/local.py",

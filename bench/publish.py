@@ -19,8 +19,6 @@ it, to bench/RESULTS-publish.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -28,18 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from preamble import NIST_PDF, ROOT, machine
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from flows.artifacts import markdown_table  # noqa: E402
-from tasks import store  # noqa: E402
-from tasks.models import MINILM, cached_model  # noqa: E402
+from flows.artifacts import markdown_table
+from tasks import store
+from tasks.models import MINILM, cached_model
 
-NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
 RESULTS = ROOT / "bench" / "RESULTS-publish.md"
 
 
@@ -177,8 +171,6 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
 
-    import torch
-
     model = cached_model(MINILM)
     rows = real_chunks(model, args.chunks)
     tokens = statistics.mean(r["n_tokens"] for r in rows)
@@ -244,8 +236,7 @@ def main() -> None:
     text = (
         "# Publish and search benchmark\n\n"
         f"Command: `{command}`\n\n"
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work), "
-        f"torch threads {torch.get_num_threads()}; model {MINILM}, dim 384; "
+        f"Machine: {machine()} (shared with other work); model {MINILM}, dim 384; "
         f"{len(rows)} real NIST AI 600-1 chunks of ~{tokens:.0f} tokens; "
         f"median of {args.repeats} alternated rounds; CPU s = this process's CPU time.\n\n"
         "## Publish throughput\n\n"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shlex
 import sys
@@ -34,11 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from preamble import ROOT, beir_folder, machine
+
 WORKSPACE = ROOT / "bench" / "out" / "quality"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_HOME", str(WORKSPACE / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -56,7 +53,6 @@ from tasks.fewshot import LabelledSplit, check_held_out, check_training, labelle
 from tasks.models import MINILM, load_model  # noqa: E402
 from tasks.workspace import Workspace, fingerprint, load_rows  # noqa: E402
 
-SCIFACT = Path("/work/shared/data/scifact-dev")
 HEADLINE_DIM = 384
 
 
@@ -252,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "variant": args.variant,
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py " + shlex.join(sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "machine": machine(),
         "few_shot_mode": args.few_shot_mode,
         "example_claims": split.examples,
         "evaluated_claims": len(split.queries),
@@ -318,7 +314,7 @@ def results_table(records: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", required=True, help="Name of this run in the results.")
-    parser.add_argument("--beir", type=Path, default=SCIFACT, help="BEIR folder.")
+    parser.add_argument("--beir", type=Path, help="BEIR folder (default: $RAGTUNE_BEIR).")
     parser.add_argument("--split", default="dev", help="qrels/<split>.tsv to evaluate on.")
     parser.add_argument("--workspace", type=Path, default=WORKSPACE)
     parser.add_argument("--base-model", default=MINILM)
@@ -358,6 +354,7 @@ def main() -> None:
     )
     parser.add_argument("--table", action="store_true", help="Print the table of past runs.")
     args = parser.parse_args()
+    args.beir = beir_folder(args.beir)
     if not args.table:
         record = run(args)
         print(json.dumps({k: v for k, v in record.items() if k != "example_claims"}, indent=2))

@@ -13,32 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from preamble import ROOT, beir_folder, machine
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+from tqdm import tqdm
 
-from tasks.evaluation import paired_bootstrap, ranking_metrics  # noqa: E402
-from tasks.fewshot import labelled_split  # noqa: E402
-from tasks.models import MINILM, load_model  # noqa: E402
-from tasks.relevance import is_statement, local_judge, reorder_head, rerank_order  # noqa: E402
+from tasks.evaluation import paired_bootstrap, ranking_metrics
+from tasks.fewshot import labelled_split
+from tasks.models import MINILM, load_model
+from tasks.relevance import is_statement, local_judge, reorder_head, rerank_order
 
-SCIFACT = Path("/work/shared/data/scifact-dev")
 OUT = ROOT / "bench" / "out" / "rerank"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--beir", type=Path, default=SCIFACT, help="BEIR folder.")
+    parser.add_argument("--beir", type=Path, help="BEIR folder (default: $RAGTUNE_BEIR).")
     parser.add_argument("--split", default="dev", help="qrels/<split>.tsv to evaluate on.")
     parser.add_argument("--top", type=int, default=10, help="Candidates the judge re-scores.")
     parser.add_argument(
@@ -46,6 +40,7 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=0, help="Only the first n claims (0: all).")
     args = parser.parse_args()
+    args.beir = beir_folder(args.beir)
 
     split = labelled_split(args.beir, args.split, 8, 42)
     query_ids = [q for q in split.queries if split.relevant.get(q)]
@@ -85,7 +80,7 @@ def main() -> None:
     record = {
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py " + " ".join(sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "machine": machine(),
         "claims": len(query_ids),
         "top": args.top,
         "weight": args.weight,

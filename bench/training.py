@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import resource
 import shlex
@@ -33,20 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from preamble import NIST_PDF, ROOT, machine
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
 
-from flows.artifacts import markdown_table  # noqa: E402
-from tasks.models import MINILM, load_model  # noqa: E402
-from tasks.training import matryoshka_dims, train  # noqa: E402
+from flows.artifacts import markdown_table
+from tasks.models import MINILM, load_model
+from tasks.training import matryoshka_dims, train
 
-NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
 RESULTS = ROOT / "bench" / "RESULTS-training.md"
 SETTINGS = {
     "epochs": 1,
@@ -220,8 +215,8 @@ def main() -> None:
     text = (
         "# Fine-tuning throughput benchmark\n\n"
         f"Command: `{command.strip()}`\n\n"
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work), torch "
-        f"threads {torch.get_num_threads()}, {'GPU' if torch.cuda.is_available() else 'no GPU'}; "
+        f"Machine: {machine()} (shared with other work), "
+        f"{'GPU' if torch.cuda.is_available() else 'no GPU'}; "
         f"model {MINILM}, MatryoshkaLoss(MNRL) dims {matryoshka_dims(384)}; {len(data)} NIST "
         f"AI 600-1 pairs (positives ~{words:.0f} words), batch {SETTINGS['batch_size']}, "
         f"max_seq_length {SETTINGS['max_seq_length']}, {SETTINGS['epochs']} epoch; "

@@ -1,6 +1,6 @@
 """Fine-tune an embedding model: named recipes, hard-negative mining and one trainer.
 
-Each recipe reproduces one published seed model card (see /work/shared/seeds): the loss and its
+Each recipe reproduces one published seed model card (docs/recipes.md): the loss and its
 parameters, prompts, batch size, epochs and learning rate. Training is plain
 `SentenceTransformerTrainer` so the result is an ordinary sentence-transformers model folder with
 the library's own model card; ragtune adds only what the library does not do: a stop on a

@@ -23,7 +23,7 @@ DEFAULT_WORKSPACE = "workspace"
 
 @dataclass(frozen=True)
 class Workspace:
-    """The folder layout shared by all stages (see DESIGN.md)."""
+    """The folder layout shared by all stages (see docs/architecture.md)."""
 
     root: Path
 

@@ -3,7 +3,7 @@
 Two endpoints, because two kinds of model. `chat` (`/chat/completions`) sends an instruction and
 suits instruction-tuned models. `completions` (`/completions`) sends the same few-shot document
 the local generator uses and suits *base* models, which answer a chat request with empty content
-(NOTES.md).
+(docs/library-notes.md).
 
 Failures are per passage: rate limits (429, honouring Retry-After), server errors (5xx, 408),
 timeouts, connection errors and malformed answers are retried with capped exponential backoff

@@ -1,0 +1,40 @@
+"""What every benchmark starts with: this project importable, offline settings, and the machine.
+
+Benchmarks run as scripts (`python bench/NAME.py`), so this folder is on the path and each one
+imports this module first. Numbers mean little until they are tied to a CPU (AVX-512 or only
+AVX2, native bf16 or not), so every result file records `machine()`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
+#: Where a labelled BEIR set (SciFact dev, or your own) is read from when --beir is not given.
+BEIR_ENV = "RAGTUNE_BEIR"
+
+
+def machine() -> str:
+    """The CPU, its flags, torch and its threads, and the load average right now."""
+    from tasks.machine import describe
+
+    return f"{describe()}; load average {os.getloadavg()[0]:.1f}"
+
+
+def beir_folder(given: Path | None) -> Path:
+    """The labelled set to benchmark on: --beir, else $RAGTUNE_BEIR; an error naming both."""
+    folder = given or (Path(os.environ[BEIR_ENV]) if os.environ.get(BEIR_ENV) else None)
+    if folder is None or not (folder / "corpus.jsonl").exists():
+        raise SystemExit(
+            f"no BEIR folder (corpus.jsonl, queries.jsonl, qrels/): pass --beir PATH or set "
+            f"{BEIR_ENV} (got {folder})"
+        )
+    return folder
