@@ -177,7 +177,8 @@ def main() -> None:
         print(f"wrote {RESULTS}")
 
 
-#: Measured by hand for docs/library-notes.md (llama-cpp-python is not installed: it compiles for ~14 min).
+#: Measured by hand for docs/library-notes.md (llama-cpp-python is not installed: it compiles
+#: for ~14 min).
 RUNTIMES = [
     {
         "runtime": "llama-cpp-python",

@@ -1,8 +1,9 @@
 """Turn raw generator output into a clean, leakage-free question set.
 
 A small LLM writes numbered lists, copies sentences from the passage, repeats itself and asks
-questions its own passage does not answer. Training on that makes a retriever worse (docs/library-notes.md:
-unfiltered Gemma-270M questions cost NDCG@10), so every question passes cheap text filters, then
+questions its own passage does not answer. Training on that makes a retriever worse
+(docs/library-notes.md: unfiltered Gemma-270M questions cost NDCG@10), so every question passes
+cheap text filters, then
 the Promptagator round trip (the base model must rank the question's own chunk in its top k),
 then a seeded split in which no chunk (or document) has questions on both sides.
 

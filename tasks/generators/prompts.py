@@ -7,8 +7,8 @@ few-shot document: "Passage: ... Question: ..." examples, then the target passag
 
 The few-shot examples rotate per passage (a sample from a pool, seeded by the passage's hash):
 with the same examples for every passage and greedy decoding, a small base model collapses into
-one template and asks the same question of every passage (docs/library-notes.md). Real user queries, when
-given, replace the pool's questions as the style to imitate (Promptagator).
+one template and asks the same question of every passage (docs/library-notes.md). Real user
+queries, when given, replace the pool's questions as the style to imitate (Promptagator).
 """
 
 from __future__ import annotations
