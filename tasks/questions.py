@@ -3,9 +3,9 @@
 A small LLM writes numbered lists, copies sentences from the passage, repeats itself and asks
 questions its own passage does not answer. Training on that makes a retriever worse
 (docs/library-notes.md: unfiltered Gemma-270M questions cost NDCG@10), so every question passes
-cheap text filters, then
-the Promptagator round trip (the base model must rank the question's own chunk in its top k),
-then a seeded split in which no chunk (or document) has questions on both sides.
+cheap text filters, then the Promptagator round trip (the base model must rank the question's
+own chunk in its top k), then a seeded split in which no chunk (or document) has questions on
+both sides.
 
 Rejected questions are kept with a reason rather than dropped, so reports can say what was
 thrown away and why.
