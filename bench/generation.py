@@ -25,9 +25,9 @@ from pathlib import Path
 
 from preamble import NIST_PDF, ROOT, machine
 
-from flows.artifacts import markdown_table
 from tasks.generators import Generation
 from tasks.generators import local as local_gen
+from tasks.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-generation.md"
 QUESTION_START = re.compile(

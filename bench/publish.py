@@ -30,9 +30,9 @@ from preamble import NIST_PDF, ROOT, machine
 
 import numpy as np
 
-from flows.artifacts import markdown_table
 from tasks import store
 from tasks.models import MINILM, cached_model
+from tasks.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-publish.md"
 

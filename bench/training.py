@@ -38,8 +38,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from flows.artifacts import markdown_table
 from tasks.models import MINILM, load_model
+from tasks.report import markdown_table
 from tasks.training import matryoshka_dims, train
 
 RESULTS = ROOT / "bench" / "RESULTS-training.md"

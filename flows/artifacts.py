@@ -9,7 +9,6 @@ ad hoc without an API.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from prefect.artifacts import (
@@ -20,7 +19,7 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext, TaskRunContext
 
-Progress = Callable[[int, int], None]
+from tasks.progress import Progress
 
 
 def in_run() -> bool:
@@ -60,18 +59,3 @@ def markdown(key: str, text: str, description: str | None = None) -> None:
 def table(key: str, rows: list[dict[str, Any]], description: str | None = None) -> None:
     if in_run() and rows:
         create_table_artifact(rows, key=artifact_key(key), description=description)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Render rows as a GitHub-flavoured markdown table (floats to 4 places)."""
-    if not rows:
-        return "_(none)_\n"
-    headers = list(rows[0])
-
-    def cell(value: Any) -> str:
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(row.get(h, "")) for h in headers) + " |" for row in rows]
-    return "\n".join(lines) + "\n"

@@ -89,20 +89,6 @@ class EvaluateResult(BaseModel):
     )
 
 
-def newest_model(ws: Workspace) -> Path:
-    """The most recently written sentence-transformers folder under the workspace's models/."""
-    candidates = (
-        [p for p in ws.models_dir.iterdir() if (p / "modules.json").is_file()]
-        if ws.models_dir.is_dir()
-        else []
-    )
-    if not candidates:
-        raise FileNotFoundError(
-            f"No tuned model in {ws.models_dir}: run the finetune flow first or pass tuned_model."
-        )
-    return max(candidates, key=lambda p: (p / "modules.json").stat().st_mtime)
-
-
 def generated_eval_set(
     ws: Workspace,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
@@ -164,7 +150,7 @@ def rerank_one(
 @flow(name="evaluate", log_prints=True)
 def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # noqa: B008
     ws = Workspace.at(params.workspace)
-    tuned_ref = params.tuned_model or str(newest_model(ws))
+    tuned_ref = params.tuned_model or str(ws.newest_model())
     if params.beir_folder:
         corpus, queries, relevant = load_beir(Path(params.beir_folder), params.beir_split)
         source = f"BEIR {Path(params.beir_folder).name} ({params.beir_split})"

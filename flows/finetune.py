@@ -12,9 +12,10 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
 from tasks.models import MINILM, model_tag
+from tasks.report import markdown_table
 from tasks.training import DEFAULT_RECIPE, RECIPES, TrainResult, get_recipe, train
 from tasks.training_data import held_out_queries, load_pairs, pairs_from_questions
 from tasks.workspace import Workspace, fingerprint, load_rows

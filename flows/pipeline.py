@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field
 
-from flows.artifacts import markdown, markdown_table
+from flows.artifacts import markdown
 from flows.evaluate import EvaluateParams, EvaluateSettings, evaluate
 from flows.finetune import FinetuneParams, FinetuneSettings, finetune
 from flows.incremental import StageRunner, sources_key
@@ -24,6 +24,7 @@ from flows.publish import PublishParams, PublishSettings, publish
 from flows.questions import QuestionParams, QuestionSettings, questions
 from flows.runners import RunnerParams
 from flows.search import StoreParams
+from tasks.report import markdown_table
 
 
 class RunParams(StoreParams, RunnerParams):

@@ -19,13 +19,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
-from flows.runners import RunnerParams, started_on_first_use
+from flows.runners import RunnerParams, fan_out, started_on_first_use, worker_slots
 from flows.search import StoreParams
 from tasks import store
 from tasks.locks import Holder
-from tasks.models import cached_model, load_model
+from tasks.models import cached_model, load_model, model_prompts
+from tasks.report import markdown_table
 from tasks.workspace import Workspace, load_rows
 
 if TYPE_CHECKING:
@@ -62,21 +63,6 @@ class PublishParams(PublishSettings, StoreParams, RunnerParams):
     )
 
 
-def newest_model(ws: Workspace) -> str:
-    """The most recently saved sentence-transformers folder under the workspace's models/."""
-    saved = (
-        sorted(ws.models_dir.glob("*/modules.json"), key=lambda p: p.stat().st_mtime)
-        if ws.models_dir.is_dir()
-        else []
-    )
-    if not saved:
-        raise FileNotFoundError(
-            f"no model in {ws.models_dir}: run `ragtune finetune` first, or set model= "
-            f"(a folder, a hub id, or the bundled all-MiniLM-L6-v2)"
-        )
-    return str(saved[-1].parent)
-
-
 def report_waiting(holder: Holder | None) -> None:
     """Say at once, in the log and on the dashboard, that this publish waits and for whom."""
     who = holder.describe() if holder else "another process (it has not said who yet)"
@@ -107,21 +93,12 @@ def embed_on(
 
     def run(texts: list[str]) -> np.ndarray:
         dask = runner()
-        slots = max(1, sum(dask.client.nthreads().values()))
-        size = -(-len(texts) // slots)
-        futures = [
-            dask.submit(
-                embed_shard,
-                {
-                    "model_ref": model_ref,
-                    "texts": texts[i : i + size],
-                    "prompt": prompt,
-                    "dim": dim,
-                },
-            )
+        size = -(-len(texts) // worker_slots(dask))
+        calls = [
+            {"model_ref": model_ref, "texts": texts[i : i + size], "prompt": prompt, "dim": dim}
             for i in range(0, len(texts), size)
         ]
-        return np.concatenate([future.result() for future in futures])
+        return np.concatenate([future.result() for future in fan_out(dask, embed_shard, calls)])
 
     return run
 
@@ -131,13 +108,11 @@ def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # 
     """Publish the workspace's chunks as a complete new version and swap the alias to it."""
     ws = Workspace.at(params.workspace)
     chunks = load_rows(ws.chunks_dir)
-    model_ref = params.model or newest_model(ws)
+    model_ref = params.model or str(ws.newest_model())
     model = load_model(model_ref)
     width = model.get_embedding_dimension()
     dim = params.dim or width
-    prompts = model.prompts or {}
-    query_prompt = prompts.get("query", "")
-    document_prompt = prompts.get("document") or prompts.get("passage", "")
+    query_prompt, document_prompt = model_prompts(model)
     client = params.open_store()
     print(f"publishing {len(chunks)} chunks with {model_ref} at dim {dim} as {params.alias!r}")
 

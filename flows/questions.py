@@ -22,21 +22,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
-from flows.artifacts import markdown, markdown_table, progress_artifact
+from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
-from flows.runners import RunnerParams, started_on_first_use
+from flows.runners import RunnerParams, fan_out, started_on_first_use
 from tasks.generators import Generation, QuestionGenerator, make_generator
 from tasks.models import MINILM, cached_model
 from tasks.question_cache import QuestionCache, RunBatches, generate_with_cache
-from tasks.questions import (
-    Question,
-    clean_question,
-    filter_questions,
-    round_trip_filter,
-    sample_chunks,
-    split_questions,
-    summarise,
-)
+from tasks.questions import Curation, Question, curate, sample_chunks
+from tasks.report import markdown_table
 from tasks.workspace import Workspace, load_rows, save_rows
 
 if TYPE_CHECKING:
@@ -137,20 +130,17 @@ def on_runner(
     settings = params.generator_kwargs()
 
     def run(batches: list[list[str]]) -> Iterator[tuple[int, list[Generation]]]:
-        submit = runner().submit
         print(f"sending {len(batches)} generation batches to Dask")
-        index = {
-            submit(
-                generate_batch,
-                {
-                    "generator": params.generator,
-                    "settings": settings,
-                    "fingerprint": fingerprint,
-                    "passages": passages,
-                },
-            ): i
-            for i, passages in enumerate(batches)
-        }
+        calls = [
+            {
+                "generator": params.generator,
+                "settings": settings,
+                "fingerprint": fingerprint,
+                "passages": passages,
+            }
+            for passages in batches
+        ]
+        index = {future: i for i, future in enumerate(fan_out(runner(), generate_batch, calls))}
         for future in as_completed(list(index)):
             yield index[future], future.result()
 
@@ -195,55 +185,39 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
     for error in stats["errors"]:
         print(f"generation failed: {_redact(error, params.generator_settings)}")
 
-    for q in asked:
-        q.question = clean_question(q.question)
-    filter_questions(
-        asked, {c["id"]: c["text"] for c in chunks}, questions_only=params.questions_only
+    summary = curate(
+        asked,
+        chunks,
+        cached_model(params.round_trip_model),
+        questions_only=params.questions_only,
+        test_size=params.test_size,
+        seed=params.seed,
+        split_by=params.split_by,
+        round_trip_top_k=params.round_trip_top_k,
     )
-    if any(q.kept for q in asked):
-        split_questions(
-            asked,
-            test_size=params.test_size,
-            seed=params.seed,
-            by=params.split_by,
-            doc_of={c["id"]: c["doc_id"] for c in chunks},
-        )
-    # The round trip filters training data only. Filtering the test questions by the base
-    # model's own ranking would hand the base model a test it is guaranteed to do well on.
-    model = cached_model(params.round_trip_model)
-    round_trip_filter(
-        [q for q in asked if q.kept and q.split == "train"],
-        [c["id"] for c in chunks],
-        [c["text"] for c in chunks],
-        model,
-        top_k=params.round_trip_top_k,
-        query_prompt=(model.prompts or {}).get("query") or None,
-    )
-    kept = sum(q.kept for q in asked)
     path = save_rows(ws.questions_dir, [asdict(q) for q in asked])
-    summary = summarise(asked)
-    rejected = {reason: n for reason, n in summary["rejected"].items() if n}
+    rejected = summary.dropped
     print(
-        f"{summary['generated']} questions generated, {kept} kept "
-        f"({summary['train']} train, {summary['test']} test); rejected: {rejected or 'none'}"
+        f"{summary.generated} questions generated, {summary.kept} kept "
+        f"({summary.train} train, {summary.test} test); rejected: {rejected or 'none'}"
     )
     markdown(
         "questions-summary",
         _report(params, generator, asked, chunks, len(chosen), summary, stats),
         description="Questions generated, kept, dropped and why",
     )
-    if not kept:
+    if not summary.kept:
         raise ValueError(
-            f"No question survived the filters ({summary['generated']} generated, rejected: "
+            f"No question survived the filters ({summary.generated} generated, rejected: "
             f"{rejected or 'none'}, {stats['failed']} chunks failed); see {path}"
         )
     return QuestionsResult(
         questions_path=str(path),
         chunks=len(chosen),
-        generated=summary["generated"],
-        kept=kept,
-        train=summary["train"],
-        test=summary["test"],
+        generated=summary.generated,
+        kept=summary.kept,
+        train=summary.train,
+        test=summary.test,
         llm_calls=stats["llm_calls"],
         cached=stats["cached"],
         failed=stats["failed"],
@@ -275,7 +249,7 @@ def _report(
     asked: list[Question],
     chunks: list[dict[str, Any]],
     chosen: int,
-    summary: dict[str, Any],
+    summary: Curation,
     stats: dict[str, Any],
 ) -> str:
     counts = [
@@ -284,13 +258,13 @@ def _report(
             "from cache": stats["cached"],
             "sent to generator": stats["llm_calls"],
             "failed": stats["failed"],
-            "generated": summary["generated"],
-            "kept": summary["kept"],
-            "train": summary["train"],
-            "test": summary["test"],
+            "generated": summary.generated,
+            "kept": summary.kept,
+            "train": summary.train,
+            "test": summary.test,
         }
     ]
-    dropped = [{"reason": reason, "dropped": n} for reason, n in summary["rejected"].items()]
+    dropped = [{"reason": reason, "dropped": n} for reason, n in summary.rejected.items()]
     tokens = [
         {
             "prompt tokens": stats["prompt_tokens"],

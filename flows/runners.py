@@ -61,6 +61,18 @@ class RunnerParams(Params):
         return dask_runner(self.dask_address, self.dask_workers)
 
 
+def fan_out(runner: DaskTaskRunner, task: Any, calls: list[dict[str, Any]]) -> list[Any]:
+    """Submit `task` once per parameter dict to the Dask cluster as a Prefect task run; the
+    futures come back in the order of `calls`. How both generation batches and embedding shards
+    go to the workers."""
+    return [runner.submit(task, parameters) for parameters in calls]
+
+
+def worker_slots(runner: DaskTaskRunner) -> int:
+    """Threads across the cluster's workers: how many tasks run at once."""
+    return max(1, sum(runner.client.nthreads().values()))
+
+
 def started_on_first_use(
     stack: contextlib.ExitStack, runner: DaskTaskRunner
 ) -> Callable[[], DaskTaskRunner]:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.progress import Progress
+
 #: Cut-offs, as in `InformationRetrievalEvaluator`'s defaults.
 ACCURACY_AT = (1, 3, 5, 10)
 PRECISION_RECALL_AT = (1, 3, 5, 10)
@@ -42,8 +44,6 @@ HEADLINE = "ndcg@10"
 
 #: Matryoshka dimensions worth reporting below a model's full width.
 MATRYOSHKA_DIMS = (512, 256, 128, 64)
-
-Progress = Callable[[int, int], None]
 
 
 class MetricsError(ValueError):
@@ -164,13 +164,13 @@ def evaluate_model(
     if bad or not dims:
         raise ValueError(f"Dimensions {list(dims)} are not within 1..{width}, the width of {name}.")
 
-    prompts = model.prompts or {}
+    from tasks.models import model_prompts
+
+    own_query, own_document = model_prompts(model)
     if query_prompt is None:
-        query_prompt = prompts.get("query") or None
+        query_prompt = own_query or None
     if corpus_prompt is None:
-        corpus_prompt = next(
-            (prompts[key] for key in ("document", "passage", "corpus") if prompts.get(key)), None
-        )
+        corpus_prompt = own_document or None
 
     query_texts = distinct(queries[qid] for qid in query_ids)
     corpus_texts = distinct(corpus.values())

@@ -64,6 +64,17 @@ def load_model(ref: str, device: str | None = None) -> SentenceTransformer:
         ) from exc
 
 
+#: Keys under which sentence-transformers models store their document prompt.
+DOCUMENT_PROMPT_KEYS = ("document", "passage", "corpus")
+
+
+def model_prompts(model: SentenceTransformer) -> tuple[str, str]:
+    """(query prompt, document prompt) a model was saved with; "" where it has none."""
+    prompts = model.prompts or {}
+    document = next((prompts[k] for k in DOCUMENT_PROMPT_KEYS if prompts.get(k)), "")
+    return prompts.get("query") or "", document
+
+
 @lru_cache(maxsize=4)
 def cached_model(ref: str) -> SentenceTransformer:
     """One loaded copy per reference per process: search and evaluation load the same model

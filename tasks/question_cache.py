@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.generators import Generation
+from tasks.progress import Progress
 from tasks.questions import Question
 
-Progress = Callable[[int, int], None]
 #: runs batches of passages somewhere and yields (batch index, generations) as each finishes
 RunBatches = Callable[[list[list[str]]], Iterable[tuple[int, list[Generation]]]]
 

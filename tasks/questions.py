@@ -64,6 +64,7 @@ _PREFIX = re.compile(
         \*\*\s*(?:q(?:uestion)?\s*\d*)\s*[:.)]?\s*\*\*\s*[:.)]?   # **Question 1:**
       | (?:q(?:uestion)?\s*\d*\s*[:.)])                         # Q1: / Question: / Q.
       | \(?\d{1,3}\s*[.):\]](?!\d)                              # 1. / 2) / (3), not 3.5
+      | \(?[a-z][.)](?=\s)                                     # a. / b) / (c), lettered lists
       | [-*•·‣–—>]+(?=\s|$)                                     # bullets, quote marks
     )\s*""",
     re.IGNORECASE | re.VERBOSE,
@@ -351,17 +352,74 @@ def assert_no_leakage(
         )
 
 
-def summarise(questions: Sequence[Question]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Curation:
+    """What curation kept of a set of generated questions, and why it dropped the rest."""
+
+    generated: int
+    kept: int
+    #: every reject reason, with zero where nothing was dropped for it
+    rejected: dict[str, int]
+    train: int
+    test: int
+    chunks_covered: int
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Only the reasons that dropped something."""
+        return {reason: n for reason, n in self.rejected.items() if n}
+
+
+def summarise(questions: Sequence[Question]) -> Curation:
     """Counts for reports: generated, kept, rejected per reason, train, test, chunks covered."""
     rejected = Counter(q.reject_reason for q in questions if not q.kept)
     reasons = {reason: rejected.pop(reason, 0) for reason in REJECT_REASONS}
     reasons.update(sorted((str(reason), n) for reason, n in rejected.items()))
     kept = [q for q in questions if q.kept]
-    return {
-        "generated": len(questions),
-        "kept": len(kept),
-        "rejected": reasons,
-        "train": sum(q.split == "train" for q in kept),
-        "test": sum(q.split == "test" for q in kept),
-        "chunks_covered": len({q.chunk_id for q in kept}),
-    }
+    return Curation(
+        generated=len(questions),
+        kept=len(kept),
+        rejected=reasons,
+        train=sum(q.split == "train" for q in kept),
+        test=sum(q.split == "test" for q in kept),
+        chunks_covered=len({q.chunk_id for q in kept}),
+    )
+
+
+def curate(
+    questions: list[Question],
+    chunks: Sequence[Mapping[str, Any]],
+    model: Any,
+    *,
+    questions_only: bool = True,
+    test_size: float = 0.2,
+    seed: int = 42,
+    split_by: SplitBy = "chunk",
+    round_trip_top_k: int = 10,
+) -> Curation:
+    """Clean, filter, split and round-trip generated questions in place; returns the counts.
+
+    The round trip (`model` must rank a question's own chunk in its top k) filters training
+    questions only: filtering the test questions by the base model's own ranking would hand the
+    base model a test it is guaranteed to do well on.
+    """
+    for q in questions:
+        q.question = clean_question(q.question)
+    filter_questions(questions, {c["id"]: c["text"] for c in chunks}, questions_only=questions_only)
+    if any(q.kept for q in questions):
+        split_questions(
+            questions,
+            test_size=test_size,
+            seed=seed,
+            by=split_by,
+            doc_of={c["id"]: c["doc_id"] for c in chunks},
+        )
+    round_trip_filter(
+        [q for q in questions if q.kept and q.split == "train"],
+        [c["id"] for c in chunks],
+        [c["text"] for c in chunks],
+        model,
+        top_k=round_trip_top_k,
+        query_prompt=(model.prompts or {}).get("query") or None,
+    )
+    return summarise(questions)

@@ -127,7 +127,7 @@ def report_markdown(
     parts.append("## NDCG@10 by dimension\n")
     if plot_name:
         parts.append(f"![NDCG@10 by dimension]({plot_name})\n")
-    parts.append(_markdown_table(dim_rows(evals, intervals)))
+    parts.append(markdown_table(dim_rows(evals, intervals)))
     if intervals:
         parts.append(
             "The gain is tuned minus base NDCG@10, paired by query; the interval is a 95% "
@@ -136,7 +136,7 @@ def report_markdown(
     parts.append("## Metrics per dimension\n")
     for e in evals:
         parts.append(f"### {e.name}\n")
-        parts.append(_markdown_table(metric_rows(e)))
+        parts.append(markdown_table(metric_rows(e)))
     if regressions:
         dim = f" at dimension {decision.dim}" if decision is not None else ""
         parts.append(f"## Queries that got worse{dim}\n")
@@ -144,7 +144,7 @@ def report_markdown(
             "Rank of the first relevant document before and after tuning (empty: not in the "
             "top 100).\n"
         )
-        parts.append(_markdown_table(regressions))
+        parts.append(markdown_table(regressions))
     return "\n".join(parts)
 
 
@@ -168,10 +168,10 @@ def card_section(
         lines += [f"Evaluated on {source}, against `{evals[0].model}`.", ""]
     if decision is not None:
         lines += [f"Gate decision: {decision.reason}", ""]
-    lines.append(_markdown_table(dim_rows(evals, intervals)))
+    lines.append(markdown_table(dim_rows(evals, intervals)))
     tuned = evals[-1]
     lines.append(f"All metrics of `{tuned.name}` ({tuned.n_queries} queries):\n")
-    lines.append(_markdown_table(metric_rows(tuned)))
+    lines.append(markdown_table(metric_rows(tuned)))
     return "\n".join(lines)
 
 
@@ -248,7 +248,8 @@ def _plot(path: Path, evals: list[ModelEval], title: str, decision: GateDecision
         plt.close(fig)
 
 
-def _markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a GitHub-flavoured markdown table: floats to 4 places, None as an empty cell."""
     if not rows:
         return "_(none)_\n"
     headers = list(rows[0])

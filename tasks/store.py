@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from tasks.locks import OnWait, publish_lock
 from tasks.models import BUNDLED, cached_model, model_tag, resolve_model
+from tasks.progress import Progress
 from tasks.workspace import fingerprint
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ _REGISTRY_VECTOR = [1.0]
 DEFAULT_BATCH = 512
 _META_KEYS = ("doc_id", "source", "page_start", "page_end", "n_tokens")
 
-Progress = Callable[[int, int], None]
 #: texts -> their document vectors, made elsewhere (e.g. on Dask workers)
 EmbedTexts = Callable[[list[str]], np.ndarray]
 

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,7 @@ from sentence_transformers.sentence_transformer.evaluation import (
 from transformers import TrainerCallback
 
 from tasks.models import BUNDLED, load_model
-
-Progress = Callable[[int, int], None]
+from tasks.progress import Progress
 
 #: Matryoshka sizes below the model's own width, as in seed 003 (768 -> 512, 256, 128, 64).
 MATRYOSHKA_STEPS = (768, 512, 256, 128, 64)

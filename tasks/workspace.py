@@ -60,6 +60,17 @@ class Workspace:
     def model_dir(self, name: str) -> Path:
         return self.models_dir / name
 
+    def newest_model(self) -> Path:
+        """The most recently saved sentence-transformers folder under models/: what evaluate
+        and publish use when no model is named."""
+        saved = list(self.models_dir.glob("*/modules.json")) if self.models_dir.is_dir() else []
+        if not saved:
+            raise FileNotFoundError(
+                f"no model in {self.models_dir}: run `ragtune finetune` first, or name one "
+                f"(a folder, a hub id, or the bundled all-MiniLM-L6-v2)"
+            )
+        return max(saved, key=lambda p: p.stat().st_mtime).parent
+
     def report_dir(self, run: str) -> Path:
         return self.reports_dir / run
 

@@ -68,6 +68,8 @@ def q(text: str, chunk_id: str = "photo") -> Question:
         ('"What is photosynthesis?"', "What is photosynthesis?"),
         ("3. “What is photosynthesis?”", "What is photosynthesis?"),
         ("- Q: 'What   is\nphotosynthesis?'", "What is photosynthesis?"),
+        ("b) What is photosynthesis?", "What is photosynthesis?"),
+        ("(c) What is photosynthesis?", "What is photosynthesis?"),
         # numbers that are part of the question stay
         ("3.5 million people live where?", "3.5 million people live where?"),
         ("Why did 1789 matter?", "Why did 1789 matter?"),
@@ -297,13 +299,14 @@ def test_summarise_counts_every_fate():
     for x, side in zip(questions[3:], ["train", "train", "test"], strict=True):
         x.split = side
     summary = summarise(questions)
-    assert summary["generated"] == 6
-    assert summary["kept"] == 3
-    assert summary["train"] == 2 and summary["test"] == 1
-    assert summary["chunks_covered"] == 1
-    assert summary["rejected"]["round_trip"] == 2
-    assert summary["rejected"]["duplicate"] == 1
-    assert summary["rejected"]["too_long"] == 0
+    assert summary.generated == 6
+    assert summary.kept == 3
+    assert summary.train == 2 and summary.test == 1
+    assert summary.chunks_covered == 1
+    assert summary.rejected["round_trip"] == 2
+    assert summary.rejected["duplicate"] == 1
+    assert summary.rejected["too_long"] == 0
+    assert summary.dropped == {"duplicate": 1, "round_trip": 2}
 
 
 def test_sample_chunks_is_seeded_in_corpus_order_and_stable_as_the_corpus_grows():

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-Progress = Callable[[int, int], None]
+from tasks.progress import Progress
 
 
 @dataclass

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from tasks.questions import clean_question
 
 FewShot = tuple[str, str]
 
@@ -90,11 +91,6 @@ CHAT_STYLE_TEMPLATE = "Match the style of these real user questions:\n{queries}\
 
 #: Where a base model that keeps going starts a new example: the end of its question.
 STOP_MARKERS = ("\n", "Passage:")
-
-_NUMBERING = re.compile(
-    r"^\s*(?:[-*•]+|\(?\d+[.):]|\(?[a-z][.)]|q\d*[.:)]|question\s*\d*:)\s*", re.I
-)
-_QUOTES = "\"'“”‘’`"
 
 
 def passage_seed(passage: str, seed: int, index: int = 0) -> int:
@@ -169,17 +165,6 @@ def chat_messages(
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def clean_line(line: str) -> str:
-    """Strip numbering, bullets, a "Question:" label and surrounding quotes from one line."""
-    text, previous = line.strip(), None
-    while text != previous:
-        previous = text
-        text = _NUMBERING.sub("", text).strip()
-        if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-            text = text[1:-1].strip()
-    return text
-
-
 def split_questions(text: str, limit: int | None = None) -> list[str]:
     """One question per non-empty line of a model's answer, lightly stripped.
 
@@ -187,7 +172,7 @@ def split_questions(text: str, limit: int | None = None) -> list[str]:
     (length bounds, copies of the passage, duplicates) is questions.py's job.
     """
     text = text.split("Passage:")[0]
-    questions = [clean_line(line) for line in text.splitlines()]
+    questions = [clean_question(line) for line in text.splitlines()]
     questions = [q for q in questions if q and not q.endswith(":")]
     return questions[:limit] if limit is not None else questions
 
