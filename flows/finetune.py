@@ -27,9 +27,8 @@ CURVE_ROWS = 60
 class FinetuneSettings(Params):
     """How the model is trained: the finetune section of the pipeline's parameters."""
 
-    recipe: str = Field(
-        DEFAULT_RECIPE,
-        description=f"Training recipe: {', '.join(RECIPES)}.",
+    recipe: str | None = Field(
+        None, description=f"Training recipe: {', '.join(RECIPES)}; blank: the profile's."
     )
     train_file: str | None = Field(
         None,
@@ -56,6 +55,8 @@ class FinetuneSettings(Params):
 
 
 class FinetuneParams(FinetuneSettings):
+    # Run alone, the stage has no profile: its own default recipe.
+    recipe: str = Field(DEFAULT_RECIPE, description=f"Training recipe: {', '.join(RECIPES)}.")
     workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
     base_model: str = Field(MINILM, description="Model to tune: bundled name, hub id or folder.")
     seed: int = Field(42, description="Seed for batching and initialisation.")

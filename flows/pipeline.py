@@ -29,8 +29,8 @@ from tasks.report import markdown_table
 
 class RunParams(StoreParams, RunnerParams):
     """What the pipeline and the nightly refresh share: where things are, what to read, the base
-    model and the seed once, then one section per stage. A field left unset in a section takes
-    the profile's value, then the section's own default."""
+    model and the seed once, then one section per stage they run. A field left unset in a
+    section takes the profile's value, then the section's own default."""
 
     profile: ProfileName = Field(
         "demo", description="demo: offline, bundled models, minutes on CPU. production: bge-base."
@@ -49,13 +49,11 @@ class RunParams(StoreParams, RunnerParams):
     questions: QuestionSettings = Field(
         default_factory=QuestionSettings, description="Question generation and filtering"
     )
-    publish: PublishSettings = Field(
-        default_factory=PublishSettings, description="Publishing to Chroma"
-    )
 
     def resolved(self) -> Self:
         """These parameters with blanks filled from the profile: `base_model` when None, and in
-        each section every field the user did not set."""
+        each section every field the user did not set or left blank (the dashboard's form
+        sends every field, so a blank field is one left to the profile)."""
         defaults = profile_defaults(self.profile)
         update: dict[str, Any] = {}
         if self.base_model is None:
@@ -66,7 +64,7 @@ class RunParams(StoreParams, RunnerParams):
                 fill = {
                     key: value
                     for key, value in defaults[name].items()
-                    if key not in section.model_fields_set
+                    if key not in section.model_fields_set or getattr(section, key) is None
                 }
                 update[name] = section.model_copy(update=fill)
         return self.model_copy(update=update)
@@ -88,14 +86,24 @@ class RunParams(StoreParams, RunnerParams):
             **self.questions.model_dump(),
         )
 
-    def publish_params(self, **chosen: Any) -> PublishParams:
-        """Publishing as set here, with what earlier stages chose (model, dim, metrics)."""
+    def publish_params(self, publish: PublishSettings, **chosen: Any) -> PublishParams:
+        """Publishing as `publish` says, with what earlier stages chose (model, dim, metrics)."""
         return PublishParams(
             **self.store_settings(),
             **self.runner_settings(),
-            **self.publish.model_dump(),
+            **publish.model_dump(),
             **chosen,
         )
+
+
+def _publish_section() -> Any:
+    return Field(default_factory=PublishSettings, description="Publishing to Chroma")
+
+
+class RefreshParams(RunParams):
+    """The nightly refresh: new or changed documents, questions for new chunks, re-publish."""
+
+    publish: PublishSettings = _publish_section()
 
 
 class PipelineParams(RunParams):
@@ -105,6 +113,7 @@ class PipelineParams(RunParams):
     evaluate: EvaluateSettings = Field(
         default_factory=EvaluateSettings, description="Evaluation and the gate"
     )
+    publish: PublishSettings = _publish_section()
     publish_if_gated: bool = Field(
         False, description="Publish the tuned model even when the gate says it is not better."
     )
@@ -157,6 +166,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
             "publish",
             publish,
             p.publish_params(
+                p.publish,
                 model=tuned.model_path,
                 dim=judged.dim,
                 metrics={k: float(v) for k, v in headline.items()},

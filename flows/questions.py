@@ -40,13 +40,17 @@ class QuestionSettings(Params):
     """How questions are asked, filtered and split: the questions section of the pipeline's
     parameters."""
 
-    generator: str = Field("local", description="Question generator: local (bundled) or api.")
+    generator: str | None = Field(
+        None, description="Question generator: local (bundled) or api; blank: the profile's."
+    )
     generator_settings: dict[str, Any] = Field(
         default_factory=dict,
         description="Generator settings, e.g. base_url and model for api. Keys belong in the "
         "environment, never here.",
     )
-    questions_per_chunk: int = Field(2, ge=1, description="Questions asked per chunk.")
+    questions_per_chunk: int | None = Field(
+        None, ge=1, description="Questions asked per chunk; blank: the profile's."
+    )
     max_chunks: int | None = Field(
         None, ge=1, description="Ask about at most this many chunks (a seeded sample); blank: all."
     )
@@ -72,6 +76,9 @@ class QuestionSettings(Params):
 
 
 class QuestionParams(QuestionSettings, RunnerParams):
+    # Run alone, the stage has no profile: its own defaults.
+    generator: str = Field("local", description="Question generator: local (bundled) or api.")
+    questions_per_chunk: int = Field(2, ge=1, description="Questions asked per chunk.")
     round_trip_model: str = Field(
         MINILM, description="The base embedding model used for the round-trip filter."
     )

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from flows.incremental import StageRunner, sources_key
 from flows.ingest import ingest
-from flows.pipeline import RunParams
+from flows.pipeline import RefreshParams
 from flows.publish import publish
 from flows.questions import questions
 from tasks.store import AliasNotFound, resolve_alias
@@ -29,14 +29,14 @@ class RefreshResult(BaseModel):
 
 
 @flow(name="refresh", log_prints=True)
-def refresh(params: RunParams | None = None) -> RefreshResult:
+def refresh(params: RefreshParams | None = None) -> RefreshResult:
     """Ingest new or changed documents, ask about new chunks, re-publish with the live model."""
-    p = (params or RunParams()).resolved()
+    p = (params or RefreshParams()).resolved()
     stages = StageRunner(p.workspace, first_key=sources_key(p.sources))
     chunked = stages.run("ingest", ingest, p.ingest_params())
     asked = stages.run("questions", questions, p.question_params())
     model, dim = _live_model(p)
-    published = stages.run("publish", publish, p.publish_params(model=model, dim=dim))
+    published = stages.run("publish", publish, p.publish_params(p.publish, model=model, dim=dim))
     new_calls = 0 if "questions" in stages.reused else asked.llm_calls
     return RefreshResult(
         chunks=chunked.chunks,
@@ -48,7 +48,7 @@ def refresh(params: RunParams | None = None) -> RefreshResult:
     )
 
 
-def _live_model(p: RunParams) -> tuple[str | None, int | None]:
+def _live_model(p: RefreshParams) -> tuple[str | None, int | None]:
     """The model and dimension readers use now; before the first publish, the publish
     flow's own default (the newest tuned model at full width)."""
     client = p.open_store()

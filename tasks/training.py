@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,20 +289,16 @@ def train(
     """
     import torch
     from sentence_transformers import SentenceTransformerTrainer
-    from sentence_transformers.sentence_transformer.training_args import (
-        BatchSamplers,
-        SentenceTransformerTrainingArguments,
-    )
 
     started = time.perf_counter()
     spec = get_recipe(recipe)
-    data = validate_columns(train_data)
     epochs = epochs or spec.epochs
     batch_size = batch_size or spec.batch_size
     learning_rate = learning_rate or spec.learning_rate
     if not math.isfinite(learning_rate) or learning_rate <= 0:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
 
+    # 1. The model, at the sequence length training uses.
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -314,28 +310,12 @@ def train(
     width = model.get_embedding_dimension()
     dims = matryoshka_dims(width) if spec.matryoshka else [width]
 
+    # 2. The data: checked columns, hard negatives mined when the recipe or the caller asks.
+    data = validate_columns(train_data)
     rows_hash = _rows_hash(data)
-    mined, pool = False, 0
-    if hard_negatives is None:
-        hard_negatives = spec.needs_negatives and "negative" not in data.column_names
-    if hard_negatives and "negative" not in data.column_names:
-        pool = len(set(data["positive"]) | set(negatives_from or ()))
-        data = mine_negatives(
-            data,
-            model,
-            negatives_from,
-            query_prompt=spec.query_prompt,
-            document_prompt=spec.document_prompt,
-        )
-        mined = True
-    if spec.needs_negatives and "negative" not in data.column_names:
-        raise ValueError(
-            f"recipe {recipe!r} needs (anchor, positive, negative) rows: add a negative column "
-            "or let ragtune mine hard negatives (hard_negatives=True)."
-        )
-    if spec.loss == "TripletLoss":
-        data = data.select_columns(list(COLUMNS))
+    data, mined, pool = _with_negatives(data, model, spec, hard_negatives, negatives_from)
 
+    # 3. The run's settings, which decide whether an earlier run's checkpoint can be resumed.
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "ragtune.json").unlink(missing_ok=True)
@@ -362,53 +342,39 @@ def train(
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "run.json").write_text(json.dumps(settings, sort_keys=True, default=str))
 
-    planned = max_steps or epochs * math.ceil(len(data) / batch_size)
+    # 4. Loss, evaluator, arguments and the trainer: sentence-transformers' own.
     evaluator = _evaluator(
         eval_corpus, eval_queries, eval_relevant, dims, spec, inference_length, batch_size
     )
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=epochs,
-        max_steps=max_steps or -1,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=warmup,
-        seed=seed,
-        data_seed=seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        prompts=spec.prompts() or None,
-        eval_strategy="steps" if evaluator else "no",
-        # Each evaluation re-embeds the whole corpus per dimension: twice a run is plenty.
-        eval_steps=0.5 if evaluator else None,
-        save_strategy="steps",
-        save_steps=save_steps or max(25, math.ceil(planned / 5)),
-        save_total_limit=1,
-        # Every step is logged so a NaN loss is seen the step it happens; the filter would
-        # otherwise replace it by the running mean and hide the divergence.
-        logging_steps=1,
-        logging_nan_inf_filter=False,
-        use_cpu=not on_gpu,
-        fp16=on_gpu,
-        dataloader_num_workers=0,
-        report_to="none",
-    )
-    loss = build_loss(model, spec, dims, base_model)
+    planned = max_steps or epochs * math.ceil(len(data) / batch_size)
     trainer = SentenceTransformerTrainer(
         model=model,
-        args=args,
+        args=_arguments(
+            spec,
+            checkpoints,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            warmup=warmup,
+            seed=seed,
+            evaluate=evaluator is not None,
+            save_steps=save_steps or max(25, math.ceil(planned / 5)),
+            on_gpu=on_gpu,
+        ),
         train_dataset=data,
-        loss=loss,
+        loss=build_loss(model, spec, dims, base_model),
         evaluator=evaluator,
         callbacks=[_Watch(progress, learning_rate)],
     )
     trainer.train(resume_from_checkpoint=resume_from)
 
+    # 5. Save the model with its prompts (training prompts are not saved by the library) and
+    #    a record of how it was made; the checkpoints have served their purpose.
     model.max_seq_length = inference_length
     model.prompts = {"query": spec.query_prompt or "", "document": spec.document_prompt or ""}
     model.save(str(output_dir))
     shutil.rmtree(checkpoints, ignore_errors=True)
-
     history = list(trainer.state.log_history)
     metrics = _final_metrics(history)
     wall_s = round(time.perf_counter() - started, 2)
@@ -435,27 +401,137 @@ def train(
     )
 
 
-def build_loss(model: SentenceTransformer, spec: Recipe, dims: list[int], base_model: str) -> Any:
-    """The recipe's loss, with the parameters its seed card lists."""
+def _with_negatives(
+    data: Dataset,
+    model: SentenceTransformer,
+    spec: Recipe,
+    hard_negatives: bool | None,
+    negatives_from: Sequence[str] | None,
+) -> tuple[Dataset, bool, int]:
+    """(rows, whether negatives were mined, how many passages they were mined from)."""
+    has_negatives = "negative" in data.column_names
+    if hard_negatives is None:
+        hard_negatives = spec.needs_negatives and not has_negatives
+    mined, pool = False, 0
+    if hard_negatives and not has_negatives:
+        pool = len(set(data["positive"]) | set(negatives_from or ()))
+        data = mine_negatives(
+            data,
+            model,
+            negatives_from,
+            query_prompt=spec.query_prompt,
+            document_prompt=spec.document_prompt,
+        )
+        mined = True
+    if spec.needs_negatives and "negative" not in data.column_names:
+        raise ValueError(
+            f"recipe {spec.name!r} needs (anchor, positive, negative) rows: add a negative "
+            "column or let ragtune mine hard negatives (hard_negatives=True)."
+        )
+    if spec.needs_negatives:
+        data = data.select_columns(list(COLUMNS))
+    return data, mined, pool
+
+
+def _arguments(
+    spec: Recipe,
+    checkpoints: Path,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    max_steps: int | None,
+    warmup: float,
+    seed: int,
+    evaluate: bool,
+    save_steps: int,
+    on_gpu: bool,
+) -> Any:
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=epochs,
+        max_steps=max_steps or -1,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup,
+        seed=seed,
+        data_seed=seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        prompts=spec.prompts() or None,
+        eval_strategy="steps" if evaluate else "no",
+        # Each evaluation re-embeds the whole corpus per dimension: twice a run is plenty.
+        eval_steps=0.5 if evaluate else None,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        # Every step is logged so a NaN loss is seen the step it happens; the filter would
+        # otherwise replace it by the running mean and hide the divergence.
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        use_cpu=not on_gpu,
+        fp16=on_gpu,
+        dataloader_num_workers=0,
+        report_to="none",
+    )
+
+
+def mnrl_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
+    """In-batch negatives: every other positive of the batch is a negative for each anchor."""
     from sentence_transformers.sentence_transformer import losses
 
-    if spec.loss == "MultipleNegativesRankingLoss":
-        loss = losses.MultipleNegativesRankingLoss(model, scale=spec.scale)
-    elif spec.loss == "CachedMultipleNegativesRankingLoss":
-        loss = losses.CachedMultipleNegativesRankingLoss(
-            model, scale=spec.scale, mini_batch_size=spec.mini_batch_size
-        )
-    elif spec.loss == "TripletLoss":
-        loss = losses.TripletLoss(
-            model,
-            distance_metric=losses.TripletDistanceMetric.EUCLIDEAN,
-            triplet_margin=spec.margin,
-        )
-    elif spec.loss == "GISTEmbedLoss":
-        guide = load_model(spec.guide_model or base_model, device=str(model.device))
-        loss = losses.GISTEmbedLoss(model, guide, temperature=spec.temperature)
-    else:
+    return losses.MultipleNegativesRankingLoss(model, scale=spec.scale)
+
+
+def cached_mnrl_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
+    """MNRL with gradient caching: a large batch's negatives in a small batch's memory."""
+    from sentence_transformers.sentence_transformer import losses
+
+    return losses.CachedMultipleNegativesRankingLoss(
+        model, scale=spec.scale, mini_batch_size=spec.mini_batch_size
+    )
+
+
+def triplet_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
+    """Anchor closer to its positive than to its negative by a Euclidean margin."""
+    from sentence_transformers.sentence_transformer import losses
+
+    return losses.TripletLoss(
+        model, distance_metric=losses.TripletDistanceMetric.EUCLIDEAN, triplet_margin=spec.margin
+    )
+
+
+def gist_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
+    """MNRL where a guide model (by default the untuned base) drops in-batch negatives it
+    judges more similar than the positive: likely false negatives."""
+    from sentence_transformers.sentence_transformer import losses
+
+    guide = load_model(spec.guide_model or base_model, device=str(model.device))
+    return losses.GISTEmbedLoss(model, guide, temperature=spec.temperature)
+
+
+#: Each recipe's `loss` names the function that builds it with the recipe's parameters.
+LOSSES: dict[str, Callable[[SentenceTransformer, Recipe, str], Any]] = {
+    "MultipleNegativesRankingLoss": mnrl_loss,
+    "CachedMultipleNegativesRankingLoss": cached_mnrl_loss,
+    "TripletLoss": triplet_loss,
+    "GISTEmbedLoss": gist_loss,
+}
+
+
+def build_loss(model: SentenceTransformer, spec: Recipe, dims: list[int], base_model: str) -> Any:
+    """The recipe's loss, with the parameters its seed card lists, inside MatryoshkaLoss when
+    the recipe trains every dimension."""
+    from sentence_transformers.sentence_transformer import losses
+
+    if spec.loss not in LOSSES:
         raise ValueError(f"recipe {spec.name!r} names an unknown loss {spec.loss!r}")
+    loss = LOSSES[spec.loss](model, spec, base_model)
     if spec.matryoshka:
         loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims)
     return loss

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.cli import build_params, main, parse_settings
-from flows.pipeline import PipelineParams, RunParams
+from flows.pipeline import PipelineParams, RefreshParams
 from flows.search import SearchParams
 from tasks import store
 from tasks.models import MINILM
@@ -19,8 +19,8 @@ def test_a_misspelt_setting_from_python_names_the_key_and_the_closest_valid_one(
     with pytest.raises(ValidationError, match=r"'sourcez' \(did you mean 'sources'\?\)"):
         PipelineParams(sourcez=["docs/"])
     # Refresh takes only what refresh uses: a training section is not one of them.
-    with pytest.raises(ValidationError, match=r"unknown setting 'finetune'.*RunParams"):
-        RunParams(finetune={"epochs": 3})
+    with pytest.raises(ValidationError, match=r"unknown setting 'finetune'.*RefreshParams"):
+        RefreshParams(finetune={"epochs": 3})
 
 
 def test_a_misspelt_setting_on_the_command_line_fails_before_anything_runs(capsys):
@@ -78,3 +78,11 @@ def test_rollback_prune_and_unlock_work_on_a_real_store(tmp_path, minilm, capsys
     assert main(["unlock", "--workspace", str(workspace)]) == 0
     assert "no lease to clear" in capsys.readouterr().out
     assert store.resolve_alias(client, "docs").name == first.collection
+
+
+def test_a_form_that_sends_every_field_still_gets_the_profiles_values():
+    """The dashboard submits each field it shows, blanks included: blank is the profile's."""
+    from_form = PipelineParams(**PipelineParams(profile="production").model_dump(mode="json"))
+    resolved = from_form.resolved()
+    assert resolved.questions.generator == "api" and resolved.finetune.epochs == 5
+    assert resolved.base_model == "BAAI/bge-base-en-v1.5"

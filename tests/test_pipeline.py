@@ -170,13 +170,13 @@ def test_refresh_with_a_new_document_asks_only_about_its_chunks(
         "must notify affected users within seventy-two hours and record the incident in the "
         "risk register, together with the model version and the prompt that caused it.\n"
     )
-    from flows.pipeline import RunParams
+    from flows.pipeline import RefreshParams
 
     # Refresh takes only the settings it uses: no training or evaluation sections.
     settings = tiny_params(workspace, [small_corpus, extra]).model_dump(
         exclude={"finetune", "evaluate", "publish_if_gated"}
     )
-    refreshed = refresh(RunParams(**settings))
+    refreshed = refresh(RefreshParams(**settings))
     after = load_rows(Workspace.at(workspace).chunks_dir)
     new = [c for c in after if c["id"] not in before]
     assert new and {c["source"] for c in new} == {"notes.md"}
