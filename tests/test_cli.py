@@ -86,3 +86,23 @@ def test_a_form_that_sends_every_field_still_gets_the_profiles_values():
     resolved = from_form.resolved()
     assert resolved.questions.generator == "api" and resolved.finetune.epochs == 5
     assert resolved.base_model == "BAAI/bge-base-en-v1.5"
+
+
+def test_a_stage_command_runs_its_flow_with_the_options_given(prefect_api, tmp_path, capsys):
+    import json
+
+    from tasks.workspace import Workspace, load_rows
+    from tests.conftest import FIXTURES
+
+    workspace = tmp_path / "ws"
+    paper = FIXTURES / "RAGAS_2309.15217.pdf"
+    argv = ["ingest", str(paper), "--workspace", str(workspace), "--max-tokens", "64"]
+
+    assert main([*argv, "--set", "overlap=8"]) == 0
+
+    out = capsys.readouterr().out
+    result = json.loads(out[out.rfind("\n{\n") + 1 :])  # the result, printed last
+    rows = load_rows(Workspace.at(workspace).chunks_dir)
+    assert result["chunks"] == len(rows) > 0
+    assert max(r["n_tokens"] for r in rows) <= 64
+    assert {r["source"] for r in rows} == {"RAGAS_2309.15217.pdf"}
