@@ -39,6 +39,9 @@ def main() -> None:
         "--weight", type=float, default=1.0, help="The judge's weight (the default's 1.0)."
     )
     parser.add_argument("--limit", type=int, default=0, help="Only the first n claims (0: all).")
+    parser.add_argument(
+        "--cache", type=int, default=0, help="Passages whose states the judge keeps (0: none)."
+    )
     args = parser.parse_args()
     args.beir = beir_folder(args.beir)
 
@@ -53,7 +56,9 @@ def main() -> None:
     queries = model.encode([split.queries[q] for q in query_ids], **encode)
     scores = queries @ corpus.T
 
-    judges = {style: local_judge(statements=style) for style in (True, False)}
+    judges = {
+        style: local_judge(statements=style, cache_size=args.cache) for style in (True, False)
+    }
     rankings, top_scores, judged, seconds = [], [], [], []
     for row, qid in enumerate(tqdm(query_ids, desc="judging", unit="claim")):
         order = np.argsort(-scores[row])[:100]
@@ -85,6 +90,7 @@ def main() -> None:
         "top": args.top,
         "weight": args.weight,
         "judge": judges[True].name,
+        "judge_cache": args.cache,
         "ndcg10_base": float(np.mean(base_ndcg)),
         "ndcg10_reranked": float(np.mean(reranked_ndcg)),
         "gain": gain,

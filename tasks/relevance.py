@@ -10,23 +10,34 @@ It costs one LLM forward pass per candidate, so it is for the top few, at query 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-from tasks.evaluation import ModelEval, Progress, check_metrics, score_rankings
+from tasks.evaluation import ModelEval, check_metrics, score_rankings
+from tasks.progress import Progress
 from tasks.questions import is_question
 
 #: The judge reads the passage and scores the question as its continuation.
 JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
+#: Passages whose states a judge of many queries keeps (about 9 MB each in float32 for Gemma
+#: 270M at 250 tokens: 18 layers x keys and values x 256 dims per token).
+JUDGE_CACHE = 128
 #: For statement-style queries (claims, titles): the question would read as an odd continuation.
 STATEMENT_PROMPT = "Passage: {passage}\nPlease write a claim based on this passage.\nClaim:"
 
 
 class QueryLikelihood:
     """Scores (question, passage) by the causal LM's mean log-probability of the question's
-    tokens after the passage: a passage that makes the question likely is relevant to it."""
+    tokens after the passage: a passage that makes the question likely is relevant to it.
+
+    With `cache_size` > 0 it keeps the key/value states of the last `cache_size` passages it
+    read (a passage's prompt comes before the question, so its states do not depend on the
+    question): where many queries share candidates (re-ranked evaluation, judging a query log)
+    a recurring passage then costs its question's few tokens instead of its own hundreds.
+    """
 
     def __init__(
         self,
@@ -35,17 +46,71 @@ class QueryLikelihood:
         name: str,
         prompt: str = JUDGE_PROMPT,
         max_passage_chars: int = 1000,
+        cache_size: int = 0,
     ) -> None:
         if "{passage}" not in prompt:
             raise ValueError(f"the judge prompt must contain '{{passage}}', got {prompt!r}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be 0 (no cache) or more, got {cache_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.prompt = prompt
         self.max_passage_chars = max_passage_chars
+        self.cache_size = cache_size
+        #: passage -> (its key/value states, the hidden state after its last token)
+        self.states: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
 
     def score(self, question: str, passages: Sequence[str]) -> list[float]:
-        """One score per passage, in one batch (the passages of one question are few)."""
+        """One score per passage: from cached passage states when the judge keeps them, else
+        all passages in one padded batch (the passages of one question are few)."""
+        if self.cache_size:
+            return [self._score_after(question, passage) for passage in passages]
+        return self._score_batch(question, passages)
+
+    def _question_logprob(self, hidden: Any, question_ids: list[int]) -> float:
+        """Mean log-probability of the question's tokens from the hidden states that predict
+        them. Logits only there: the whole vocabulary (262k for Gemma) at every position of
+        every passage would take gigabytes."""
+        import torch
+
+        logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+        return logprobs[torch.arange(len(question_ids)), torch.tensor(question_ids)].mean().item()
+
+    def _score_after(self, question: str, passage: str) -> float:
+        import copy
+
+        import torch
+
+        question_ids = self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
+        past, last = self._passage_state(passage)
+        with torch.no_grad():
+            # The states are extended in place by a forward pass: each question gets a copy.
+            out = self.model.model(
+                input_ids=torch.tensor([question_ids]),
+                past_key_values=copy.deepcopy(past),
+                use_cache=True,
+            )
+            hidden = torch.cat([last[None], out.last_hidden_state[0, :-1]])
+            return self._question_logprob(hidden, question_ids)
+
+    def _passage_state(self, passage: str) -> tuple[Any, Any]:
+        import torch
+
+        text = passage[: self.max_passage_chars]
+        if text in self.states:
+            self.states.move_to_end(text)
+            return self.states[text]
+        ids = self.tokenizer(self.prompt.format(passage=text))["input_ids"]
+        with torch.no_grad():
+            out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
+        state = (out.past_key_values, out.last_hidden_state[0, -1])
+        self.states[text] = state
+        while len(self.states) > self.cache_size:
+            self.states.popitem(last=False)
+        return state
+
+    def _score_batch(self, question: str, passages: Sequence[str]) -> list[float]:
         import torch
 
         question_ids = self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
@@ -59,22 +124,19 @@ class QueryLikelihood:
         for row, context in enumerate(contexts):
             ids[row, : len(context) + len(question_ids)] = torch.tensor(context + question_ids)
             mask[row, : len(context) + len(question_ids)] = 1
-        target = torch.tensor(question_ids)
         scores = []
         with torch.no_grad():
-            # Logits only at the question's positions: the full vocabulary (262k for Gemma) at
-            # every position of every passage would take gigabytes.
             hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
             for row, context in enumerate(contexts):
                 at = torch.arange(len(context) - 1, len(context) + len(question_ids) - 1)
-                logits = self.model.lm_head(hidden[row, at]).float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                scores.append(logprobs[torch.arange(len(question_ids)), target].mean().item())
+                scores.append(self._question_logprob(hidden[row, at], question_ids))
         return scores
 
 
-def local_judge(statements: bool = False, dtype: str = "auto") -> QueryLikelihood:
-    """The bundled Gemma 3 270M as the judge, offline."""
+def local_judge(
+    statements: bool = False, dtype: str = "auto", cache_size: int = 0
+) -> QueryLikelihood:
+    """The bundled Gemma 3 270M as the judge, offline; `cache_size` passages' states kept."""
     from tasks.generators.local import load_gemma, resolve_dtype
 
     dtype = resolve_dtype(dtype)
@@ -84,6 +146,7 @@ def local_judge(statements: bool = False, dtype: str = "auto") -> QueryLikelihoo
         tokenizer,
         name=f"gemma3-270m-{dtype}",
         prompt=STATEMENT_PROMPT if statements else JUDGE_PROMPT,
+        cache_size=cache_size,
     )
 
 
@@ -151,9 +214,20 @@ def rerank_evaluation(
     `ragtune search --rerank` would return for the same queries, scored the same way.
 
     `evaluation` must have kept its hits (`evaluate_model(..., keep_hits=True)`); the judge
-    for each query is the bundled Gemma in the query's style unless `judge_for` gives one.
+    for each query is the bundled Gemma in the query's style unless `judge_for` gives one. The
+    bundled judges keep the states of the last JUDGE_CACHE passages: queries about the same
+    popular chunks then pay for each of them once.
     """
     from tqdm.auto import tqdm
+
+    if judge_for is None:
+        judges: dict[bool, QueryLikelihood] = {}
+
+        def judge_for(query: str) -> QueryLikelihood:
+            style = is_statement(query)
+            if style not in judges:
+                judges[style] = local_judge(statements=style, cache_size=JUDGE_CACHE)
+            return judges[style]
 
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
@@ -173,7 +247,7 @@ def rerank_evaluation(
             query,
             [corpus[doc] for doc, _ in head],
             [score for _, score in head],
-            judge_for(query) if judge_for else None,
+            judge_for(query),
             weight,
         )
         rankings[qid] = reorder_head([doc for doc, _ in ranked], order)

@@ -1,0 +1,186 @@
+"""Benchmark the bundled Gemma's LLM work against what this machine can compute.
+
+First the machine's limit: matrix-multiply throughput at the shapes Gemma 3 270M uses (tokens x
+640 hidden x 2048 MLP), in float32, bfloat16 and, through torch's dynamic int8 quantisation of
+linear layers, int8. Then the work: the judge (`tasks.relevance`) scoring the top 5, 10 and 20
+candidates of real questions against real NIST AI 600-1 chunks, and the generator writing
+questions, each as time per unit of work, the FLOPs that unit needs (2 x parameters x tokens
+through the transformer, plus the vocabulary projection where logits are read) and so the
+share of the measured limit reached.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/llm_speed.py                 # the dtype auto picks
+    HF_HUB_OFFLINE=1 RAGTUNE_DTYPE=float32 .venv/bin/python bench/llm_speed.py
+
+Run it alone: the numbers are only as good as the machine is idle. It appends a section to
+bench/RESULTS-llm-speed.md with the command and the machine line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+
+from preamble import NIST_PDF, ROOT, machine
+
+import torch
+
+from tasks.chunking import chunk_pages
+from tasks.documents import read_document
+from tasks.generators import make_generator
+from tasks.generators.local import load_gemma, resolve_dtype
+from tasks.models import MINILM, load_model
+from tasks.relevance import local_judge
+from tasks.report import markdown_table
+
+RESULTS = ROOT / "bench" / "RESULTS-llm-speed.md"
+#: Real questions a NIST AI 600-1 reader asks; the judge's cost depends on lengths, not answers.
+QUESTIONS = [
+    "What risks does generative AI pose to information integrity?",
+    "How should organizations document the provenance of training data?",
+    "What is confabulation in large language models?",
+    "Which actions help manage harmful bias in GAI systems?",
+    "How can red-teaming be used to evaluate a generative model?",
+    "What are the privacy risks of training on personal data?",
+    "How should incidents involving GAI systems be disclosed?",
+    "What does the profile recommend for third-party model components?",
+]
+
+
+def median_seconds(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def matmul_limits(tokens: int = 2048, hidden: int = 640, mlp: int = 2048) -> dict[str, float]:
+    """GFLOP/s of one linear layer's product at Gemma's shapes, per arithmetic."""
+    x = torch.randn(tokens, hidden)
+    layer = torch.nn.Linear(hidden, mlp, bias=False)
+    flops = 2 * tokens * hidden * mlp
+    limits = {}
+    with torch.inference_mode():
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            lx, ll = x.to(dtype), layer.to(dtype)
+            ll(lx)
+            limits[name] = flops / median_seconds(lambda lx=lx, ll=ll: ll(lx), 10) / 1e9
+        quantised = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(torch.nn.Linear(hidden, mlp, bias=False)),
+            {torch.nn.Linear},
+            dtype=torch.qint8,
+        )
+        quantised(x)
+        limits["int8 (dynamic)"] = flops / median_seconds(lambda: quantised(x), 10) / 1e9
+    return limits
+
+
+def transformer_parameters(model) -> tuple[int, int, int]:
+    """(parameters a token passes through, vocabulary size, hidden size): the embedding table
+    is a lookup, not a product, except where logits are computed from it."""
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    total = sum(p.numel() for p in model.parameters())
+    return total - vocab * hidden, vocab, hidden
+
+
+def judge_rows(passages: list[str], dtype: str, repeats: int, limit: float) -> list[dict]:
+    judge = local_judge(dtype=dtype)
+    body, vocab, hidden = transformer_parameters(judge.model)
+    tokenizer = judge.tokenizer
+    rows = []
+    for top in (5, 10, 20):
+        candidates = passages[:top]
+        judge.score(QUESTIONS[0], candidates)  # warm-up
+        seconds = statistics.median(
+            median_seconds(lambda q=q, c=candidates: judge.score(q, c), repeats) for q in QUESTIONS
+        )
+        context = sum(
+            len(tokenizer(judge.prompt.format(passage=p[: judge.max_passage_chars]))["input_ids"])
+            for p in candidates
+        )
+        question = statistics.mean(
+            len(tokenizer(" " + q, add_special_tokens=False)["input_ids"]) for q in QUESTIONS
+        )
+        tokens = context + top * question
+        flops = 2 * body * tokens + 2 * vocab * hidden * top * question
+        rows.append(
+            {
+                "judge": f"top {top}",
+                "s / query": round(seconds, 3),
+                "tokens / query": int(tokens),
+                "GFLOP / query": round(flops / 1e9, 1),
+                "GFLOP/s": round(flops / seconds / 1e9, 1),
+                "share of limit": f"{flops / seconds / 1e9 / limit:.0%}",
+            }
+        )
+    return rows
+
+
+def generator_row(passages: list[str], dtype: str, limit: float) -> dict:
+    generator = make_generator("local", n=3, dtype=dtype, show_progress=False)
+    generator.generate(passages[:2])  # warm-up: loads the model
+    model, _ = load_gemma(dtype=dtype)
+    body, vocab, hidden = transformer_parameters(model)
+    started = time.perf_counter()
+    results = generator.generate(passages[:16])
+    seconds = time.perf_counter() - started
+    questions = sum(len(r.questions) for r in results)
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    # Every generated token also goes through the vocabulary projection.
+    flops = 2 * body * (prompt + completion) + 2 * vocab * hidden * completion
+    return {
+        "generator": "16 chunks, 3 questions each",
+        "questions/s": round(questions / seconds, 2),
+        "s": round(seconds, 1),
+        "prompt + completion tokens": prompt + completion,
+        "GFLOP/s": round(flops / seconds / 1e9, 1),
+        "share of limit": f"{flops / seconds / 1e9 / limit:.0%}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per question.")
+    parser.add_argument("--no-generator", action="store_true", help="Time the judge only.")
+    args = parser.parse_args()
+    dtype = resolve_dtype("auto")
+    print(machine())
+    limits = matmul_limits()
+    print({name: round(value, 1) for name, value in limits.items()})
+    tokenizer = load_model(MINILM).tokenizer
+    passages = [
+        c.text for c in chunk_pages(read_document(NIST_PDF), tokenizer, max_tokens=256, overlap=32)
+    ][20:60]
+    judged = judge_rows(passages, dtype, args.repeats, limits[dtype])
+    print(markdown_table(judged))
+    generated = [] if args.no_generator else [generator_row(passages, dtype, limits[dtype])]
+    if generated:
+        print(markdown_table(generated))
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python bench/" + " ".join(
+        shlex.quote(a) for a in ["llm_speed.py", *sys.argv[1:]]
+    )
+    section = (
+        f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, LLM dtype {dtype}\n\n"
+        f"Command: `{command}`\n\nMachine: {machine()}\n\n"
+        "Matrix-multiply limit at Gemma's shapes (2048 tokens x 640 x 2048), GFLOP/s:\n\n"
+        + markdown_table([{k: round(v, 1) for k, v in limits.items()}])
+        + f"\nJudge (median over {len(QUESTIONS)} questions x {args.repeats} runs, 256-token "
+        "NIST chunks):\n\n"
+        + markdown_table(judged)
+        + ("\nGenerator:\n\n" + markdown_table(generated) if generated else "")
+    )
+    if not RESULTS.exists():
+        RESULTS.write_text("# LLM speed against the machine's limit\n")
+    with RESULTS.open("a") as handle:
+        handle.write(section)
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
