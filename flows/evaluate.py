@@ -26,7 +26,7 @@ from tasks.evaluation import (
     regressions,
 )
 from tasks.models import MINILM, load_model
-from tasks.relevance import rerank_evaluation
+from tasks.relevance import local_judge_name, rerank_evaluation
 from tasks.report import card_section, dim_rows, report_markdown, update_model_card, write_report
 from tasks.training_data import held_out_queries
 from tasks.workspace import Workspace, load_rows
@@ -226,6 +226,6 @@ def rerank_note(gain: tuple[float, float, float], top: int, dim: int, n_queries:
     return (
         f"**Re-ranking.** The LLM judge re-ranking the tuned model's top {top} at dim {dim} "
         f"changes NDCG@10 by {mean:+.4f} (95% paired bootstrap interval [{low:+.4f}, "
-        f"{high:+.4f}] over {n_queries} queries); turn it on at query time with "
-        f"`ragtune search --rerank {top}`."
+        f"{high:+.4f}] over {n_queries} queries; judge {local_judge_name()}); turn it on at "
+        f"query time with `ragtune search --rerank {top}`."
     )

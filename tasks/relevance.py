@@ -133,6 +133,13 @@ class QueryLikelihood:
         return scores
 
 
+def local_judge_name(dtype: str = "auto") -> str:
+    """The bundled judge's name, with the compute path it runs on this machine."""
+    from tasks.generators.local import resolve_dtype
+
+    return f"gemma3-270m-{resolve_dtype(dtype)}"
+
+
 def local_judge(
     statements: bool = False, dtype: str = "auto", cache_size: int = 0
 ) -> QueryLikelihood:
@@ -144,7 +151,7 @@ def local_judge(
     return QueryLikelihood(
         model,
         tokenizer,
-        name=f"gemma3-270m-{dtype}",
+        name=local_judge_name(dtype),
         prompt=STATEMENT_PROMPT if statements else JUDGE_PROMPT,
         cache_size=cache_size,
     )

@@ -12,6 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.evaluate import EvaluateParams, evaluate, generated_eval_set
 from tasks.beir import load_beir
 from tasks.evaluation import MetricsError
+from tasks.relevance import local_judge_name
 from tasks.report import CARD_HEADING
 from tasks.workspace import save_rows
 from tests.conftest import FIXTURES
@@ -131,6 +132,8 @@ def test_rerank_adds_the_judged_tuned_model_at_the_chosen_dim(prefect_api, works
 
     report = (workspace.report_dir("rr") / "report.md").read_text()
     assert "**Re-ranking.**" in report and "`ragtune search --rerank 5`" in report
+    # Which compute path judged (bfloat16, float32 or int8 on this CPU) is in the report.
+    assert f"judge {local_judge_name()}" in report
     assert "### tuned+rerank" in report
     rows = _artifacts(state.state_details.flow_run_id)["evaluation-metrics"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
