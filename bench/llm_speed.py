@@ -18,6 +18,7 @@ bench/RESULTS-llm-speed.md with the command and the machine line.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -31,7 +32,7 @@ import torch
 from tasks.chunking import chunk_pages
 from tasks.documents import read_document
 from tasks.generators import make_generator
-from tasks.generators.local import load_gemma, resolve_dtype
+from tasks.generators.local import DTYPE_ENV, load_gemma, resolve_dtype
 from tasks.models import MINILM, load_model
 from tasks.relevance import local_judge
 from tasks.report import markdown_table
@@ -76,7 +77,7 @@ def matmul_limits(tokens: int = 2048, hidden: int = 640, mlp: int = 2048) -> dic
             dtype=torch.qint8,
         )
         quantised(x)
-        limits["int8 (dynamic)"] = flops / median_seconds(lambda: quantised(x), 10) / 1e9
+        limits["int8"] = flops / median_seconds(lambda: quantised(x), 10) / 1e9
     return limits
 
 
@@ -85,6 +86,12 @@ def transformer_parameters(model) -> tuple[int, int, int]:
     is a lookup, not a product, except where logits are computed from it."""
     vocab, hidden = model.get_input_embeddings().weight.shape
     total = sum(p.numel() for p in model.parameters())
+    # Int8 linear layers hold their weights packed, outside `parameters()`.
+    total += sum(
+        m.weight().numel()
+        for m in model.modules()
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+    )
     return total - vocab * hidden, vocab, hidden
 
 
@@ -111,10 +118,10 @@ def judge_rows(passages: list[str], dtype: str, repeats: int, limit: float) -> l
         rows.append(
             {
                 "judge": f"top {top}",
-                "s / query": round(seconds, 3),
+                "s / query": f"{seconds:.2f}",
                 "tokens / query": int(tokens),
-                "GFLOP / query": round(flops / 1e9, 1),
-                "GFLOP/s": round(flops / seconds / 1e9, 1),
+                "GFLOP / query": f"{flops / 1e9:.0f}",
+                "GFLOP/s": f"{flops / seconds / 1e9:.0f}",
                 "share of limit": f"{flops / seconds / 1e9 / limit:.0%}",
             }
         )
@@ -136,10 +143,10 @@ def generator_row(passages: list[str], dtype: str, limit: float) -> dict:
     flops = 2 * body * (prompt + completion) + 2 * vocab * hidden * completion
     return {
         "generator": "16 chunks, 3 questions each",
-        "questions/s": round(questions / seconds, 2),
-        "s": round(seconds, 1),
+        "questions/s": f"{questions / seconds:.2f}",
+        "s": f"{seconds:.1f}",
         "prompt + completion tokens": prompt + completion,
-        "GFLOP/s": round(flops / seconds / 1e9, 1),
+        "GFLOP/s": f"{flops / seconds / 1e9:.0f}",
         "share of limit": f"{flops / seconds / 1e9 / limit:.0%}",
     }
 
@@ -162,14 +169,15 @@ def main() -> None:
     generated = [] if args.no_generator else [generator_row(passages, dtype, limits[dtype])]
     if generated:
         print(markdown_table(generated))
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python bench/" + " ".join(
+    forced = f"{DTYPE_ENV}={os.environ[DTYPE_ENV]} " if os.environ.get(DTYPE_ENV) else ""
+    command = f"HF_HUB_OFFLINE=1 {forced}.venv/bin/python bench/" + " ".join(
         shlex.quote(a) for a in ["llm_speed.py", *sys.argv[1:]]
     )
     section = (
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, LLM dtype {dtype}\n\n"
         f"Command: `{command}`\n\nMachine: {machine()}\n\n"
         "Matrix-multiply limit at Gemma's shapes (2048 tokens x 640 x 2048), GFLOP/s:\n\n"
-        + markdown_table([{k: round(v, 1) for k, v in limits.items()}])
+        + markdown_table([{k: f"{v:.0f}" for k, v in limits.items()}])
         + f"\nJudge (median over {len(QUESTIONS)} questions x {args.repeats} runs, 256-token "
         "NIST chunks):\n\n"
         + markdown_table(judged)
