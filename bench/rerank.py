@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tasks.evaluation import paired_bootstrap, ranking_metrics
 from tasks.fewshot import labelled_split
 from tasks.models import MINILM, load_model
-from tasks.relevance import is_statement, local_judge, reorder_head, rerank_order
+from tasks.relevance import local_judge_name, reorder_head, rerank_order, style_judges
 
 OUT = ROOT / "bench" / "out" / "rerank"
 
@@ -56,9 +56,7 @@ def main() -> None:
     queries = model.encode([split.queries[q] for q in query_ids], **encode)
     scores = queries @ corpus.T
 
-    judges = {
-        style: local_judge(statements=style, cache_size=args.cache) for style in (True, False)
-    }
+    judge_for = style_judges(args.cache)
     rankings, top_scores, judged, seconds = [], [], [], []
     for row, qid in enumerate(tqdm(query_ids, desc="judging", unit="claim")):
         order = np.argsort(-scores[row])[:100]
@@ -67,7 +65,7 @@ def main() -> None:
         query = split.queries[qid]
         started = time.perf_counter()
         candidates = [split.corpus[d] for d in rankings[-1][: args.top]]
-        judged.append(judges[is_statement(query)].score(query, candidates))
+        judged.append(judge_for(query).score(query, candidates))
         seconds.append(time.perf_counter() - started)
 
     def ndcg(weight: float) -> list[float]:
@@ -89,7 +87,7 @@ def main() -> None:
         "claims": len(query_ids),
         "top": args.top,
         "weight": args.weight,
-        "judge": judges[True].name,
+        "judge": local_judge_name(),
         "judge_cache": args.cache,
         "ndcg10_base": float(np.mean(base_ndcg)),
         "ndcg10_reranked": float(np.mean(reranked_ndcg)),

@@ -24,7 +24,6 @@ from typing import Any, Literal
 import click
 from pydantic import BaseModel, ValidationError
 
-STAGES = ("ingest", "questions", "finetune", "evaluate", "publish")
 _SCALARS = {str: click.STRING, int: click.INT, float: click.FLOAT, bool: click.BOOL}
 
 

@@ -36,7 +36,7 @@ def answered_example(workspace: str, base_model: str, tuned_model: str, dim: int
     model's top other chunks, with that chunk's rank (None: beyond 100) under both models."""
     from tasks.evaluation import evaluate_model
     from tasks.models import load_model
-    from tasks.relevance import is_statement, local_judge
+    from tasks.relevance import style_judges
     from tasks.training_data import held_out_queries
     from tasks.workspace import Workspace, load_rows
 
@@ -50,13 +50,13 @@ def answered_example(workspace: str, base_model: str, tuned_model: str, dim: int
     args = (corpus, picked, relevant, [dim])
     base = evaluate_model(load_model(base_model), *args, name="base")
     tuned = evaluate_model(load_model(tuned_model), *args, name="tuned", keep_hits=True)
-    judges: dict[bool, Any] = {}
+    judge_for = style_judges()
     for qid, question in picked.items():
         own = next(iter(relevant[qid]))
         others = [cid for cid, _ in tuned.hits[dim][qid] if cid != own][:RIVALS]
-        statements = is_statement(question)
-        judge = judges.setdefault(statements, local_judge(statements=statements))
-        scores = judge.score(question, [corpus[own], *(corpus[cid] for cid in others)])
+        scores = judge_for(question).score(
+            question, [corpus[own], *(corpus[cid] for cid in others)]
+        )
         if max(range(len(scores)), key=scores.__getitem__) == 0:
             return Example(
                 question=question,

@@ -403,6 +403,8 @@ def curate(
     questions only: filtering the test questions by the base model's own ranking would hand the
     base model a test it is guaranteed to do well on.
     """
+    from tasks.models import model_prompts
+
     for q in questions:
         q.question = clean_question(q.question)
     filter_questions(questions, {c["id"]: c["text"] for c in chunks}, questions_only=questions_only)
@@ -420,6 +422,6 @@ def curate(
         [c["text"] for c in chunks],
         model,
         top_k=round_trip_top_k,
-        query_prompt=(model.prompts or {}).get("query") or None,
+        query_prompt=model_prompts(model)[0] or None,
     )
     return summarise(questions)

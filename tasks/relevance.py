@@ -64,9 +64,10 @@ class QueryLikelihood:
     def score(self, question: str, passages: Sequence[str]) -> list[float]:
         """One score per passage: from cached passage states when the judge keeps them, else
         all passages in one padded batch (the passages of one question are few)."""
+        question_ids = self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
         if self.cache_size:
-            return [self._score_after(question, passage) for passage in passages]
-        return self._score_batch(question, passages)
+            return [self._score_after(question_ids, passage) for passage in passages]
+        return self._score_batch(question_ids, passages)
 
     def _question_logprob(self, hidden: Any, question_ids: list[int]) -> float:
         """Mean log-probability of the question's tokens from the hidden states that predict
@@ -77,12 +78,11 @@ class QueryLikelihood:
         logprobs = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
         return logprobs[torch.arange(len(question_ids)), torch.tensor(question_ids)].mean().item()
 
-    def _score_after(self, question: str, passage: str) -> float:
+    def _score_after(self, question_ids: list[int], passage: str) -> float:
         import copy
 
         import torch
 
-        question_ids = self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
         past, last = self._passage_state(passage)
         with torch.no_grad():
             # The states are extended in place by a forward pass: each question gets a copy.
@@ -110,10 +110,9 @@ class QueryLikelihood:
             self.states.popitem(last=False)
         return state
 
-    def _score_batch(self, question: str, passages: Sequence[str]) -> list[float]:
+    def _score_batch(self, question_ids: list[int], passages: Sequence[str]) -> list[float]:
         import torch
 
-        question_ids = self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
         contexts = [
             self.tokenizer(self.prompt.format(passage=p[: self.max_passage_chars]))["input_ids"]
             for p in passages
@@ -155,6 +154,20 @@ def local_judge(
         prompt=STATEMENT_PROMPT if statements else JUDGE_PROMPT,
         cache_size=cache_size,
     )
+
+
+def style_judges(cache_size: int = 0) -> Callable[[str], QueryLikelihood]:
+    """A function giving each query the bundled judge in its style (claim or question), one
+    judge per style for all the queries it is asked about, so its passage states are shared."""
+    judges: dict[bool, QueryLikelihood] = {}
+
+    def judge_for(query: str) -> QueryLikelihood:
+        style = is_statement(query)
+        if style not in judges:
+            judges[style] = local_judge(statements=style, cache_size=cache_size)
+        return judges[style]
+
+    return judge_for
 
 
 def standardise(scores: Sequence[float]) -> np.ndarray:
@@ -227,15 +240,7 @@ def rerank_evaluation(
     """
     from tqdm.auto import tqdm
 
-    if judge_for is None:
-        judges: dict[bool, QueryLikelihood] = {}
-
-        def judge_for(query: str) -> QueryLikelihood:
-            style = is_statement(query)
-            if style not in judges:
-                judges[style] = local_judge(statements=style, cache_size=JUDGE_CACHE)
-            return judges[style]
-
+    judge_for = judge_for or style_judges(JUDGE_CACHE)
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     hits = evaluation.hits.get(dim)
