@@ -236,6 +236,7 @@ def build_cli() -> click.Group:
     from flows.evaluate import EvaluateParams
     from flows.finetune import FinetuneParams
     from flows.ingest import IngestParams
+    from flows.learn import LearnParams
     from flows.pipeline import PipelineParams
     from flows.publish import PublishParams
     from flows.questions import QuestionParams
@@ -266,6 +267,7 @@ def build_cli() -> click.Group:
     stages = {
         "ingest": (IngestParams, ("sources",)),
         "questions": (QuestionParams, ()),
+        "learn": (LearnParams, ()),
         "finetune": (FinetuneParams, ()),
         "evaluate": (EvaluateParams, ()),
         "publish": (PublishParams, ()),

@@ -6,6 +6,7 @@ decides what to do with it. Broken metrics (NaN, empty) are an error.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -177,6 +178,22 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
         notes.append(rerank_note(rerank_gain, params.rerank, decision.dim, tuned.n_queries))
         print(notes[-1])
 
+    logged = judged_log_set(ws)
+    if logged is not None:
+        chunks, log_queries, log_relevant, labels = logged
+        pair = [
+            evaluate_one(ref, name, chunks, log_queries, log_relevant, tuned.dims)
+            for ref, name in ((params.base_model, "base"), (tuned_ref, "tuned"))
+        ]
+        gains = intervals_by_dim(*pair)
+        notes.append(judged_log_note(gains[decision.dim], decision.dim, len(log_queries), labels))
+        print(notes[-1])
+        table(
+            "evaluation-logged-queries",
+            dim_rows(pair, gains),
+            description="Held-out logged queries, relevant chunk by the judge (not by people)",
+        )
+
     run = params.run_name or datetime.now(UTC).strftime("eval-%Y%m%d-%H%M%S")
     evals = [base, tuned, *others]
     title = f"Retrieval on {source}"
@@ -217,6 +234,34 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:  # no
         reason=decision.reason,
         metrics={e.name: e.metrics for e in evals},
         rerank_gain=rerank_gain,
+    )
+
+
+def judged_log_set(
+    ws: Workspace,
+) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]], str] | None:
+    """(chunks, held-out logged queries, the chunk the judge chose for each, who labelled
+    them) from what `learn` wrote, or None where it wrote nothing to measure on. A query whose
+    chosen chunk is gone (re-chunked since) is left out: the judge never saw the new chunks."""
+    path = ws.learned_dir / "held_out.json"
+    if not path.exists() or not ws.chunks_dir.exists():
+        return None
+    held = json.loads(path.read_text())
+    chunks = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
+    relevant = {qid: set(ids) for qid, ids in held["relevant"].items() if set(ids) <= chunks.keys()}
+    if not relevant:
+        return None
+    queries = {qid: held["queries"][qid] for qid in relevant}
+    return chunks, queries, relevant, held["labels"]
+
+
+def judged_log_note(gain: tuple[float, float, float], dim: int, n_queries: int, labels: str) -> str:
+    """One sentence for the report: base against tuned on the queries users really asked."""
+    mean, low, high = gain
+    return (
+        f"**Held-out logged queries** (relevant chunk chosen by the {labels}, not by people): "
+        f"NDCG@10 of tuned over base at dim {dim} {mean:+.4f} (95% paired bootstrap interval "
+        f"[{low:+.4f}, {high:+.4f}] over {n_queries} queries never trained on)."
     )
 
 

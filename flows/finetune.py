@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from datasets import Dataset
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -17,7 +18,7 @@ from flows.params import Params
 from tasks.models import MINILM, model_tag
 from tasks.report import markdown_table
 from tasks.training import DEFAULT_RECIPE, RECIPES, TrainResult, get_recipe, train
-from tasks.training_data import held_out_queries, load_pairs, pairs_from_questions
+from tasks.training_data import held_out_queries, load_pairs, mix, pairs_from_questions
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
@@ -52,6 +53,15 @@ class FinetuneSettings(Params):
     output_name: str | None = Field(
         None, description="Folder name under models/; blank: derived from model, recipe, data."
     )
+    log_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the rows `learn` made from logged queries, where there are "
+        "any (2: each row twice; 0: leave them out).",
+    )
+    synthetic_weight: float = Field(
+        1.0, ge=0, description="Weight of the synthetic questions (0: train on the log alone)."
+    )
 
 
 class FinetuneParams(FinetuneSettings):
@@ -85,8 +95,7 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
     else:
         chunks = _chunks(ws)
         questions = load_rows(ws.questions_dir)
-        data = pairs_from_questions(questions, chunks, "train")
-        source = f"{ws.questions_dir} (train split)"
+        data, source = _training_set(ws, params, questions, chunks)
     data_fp = fingerprint(sorted(tuple(row.values()) for row in data.to_list()))
     settings = {
         "recipe": spec.name,
@@ -168,6 +177,23 @@ def training_report(result: TrainResult, name: str) -> str:
     if evals:
         text += f"\n## NDCG@10 on held-out questions during training\n\n{markdown_table(evals)}"
     return text
+
+
+def _training_set(
+    ws: Workspace, params: FinetuneParams, questions: list[dict], chunks: dict[str, str]
+) -> tuple[Dataset, str]:
+    """The synthetic questions' train split, mixed with what `learn` made of the query log
+    where it made anything, each with its weight."""
+    learned = ws.learned_dir / "train"
+    sets, sources = [], []
+    if params.synthetic_weight > 0:
+        synthetic = pairs_from_questions(questions, chunks, "train").to_list()
+        sets.append((synthetic, params.synthetic_weight))
+        sources.append(f"{ws.questions_dir} (train split, weight {params.synthetic_weight:g})")
+    if learned.exists() and params.log_weight > 0:
+        sets.append((load_rows(learned), params.log_weight))
+        sources.append(f"{learned} (judged query log, weight {params.log_weight:g})")
+    return mix(sets, params.seed), " + ".join(sources) or "nothing"
 
 
 def _chunks(ws: Workspace) -> dict[str, str]:

@@ -42,10 +42,14 @@ class StageRunner:
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []
 
-    def run(self, stage: str, flow: Callable[[BaseModel], R], params: BaseModel) -> R:
+    def run(
+        self, stage: str, flow: Callable[[BaseModel], R], params: BaseModel, reads: str = ""
+    ) -> R:
+        """Run `flow`, or reuse its last result; `reads` fingerprints inputs that are not in
+        the parameters (the query log a learn stage reads)."""
         # Where the work runs does not change what it produces, so it is not part of the key.
         inputs = params.model_dump(mode="json", exclude=set(RUNNER_FIELDS))
-        self.key = fingerprint(self.key, stage, inputs)
+        self.key = fingerprint(self.key, stage, inputs, reads)
         done = None if stage in ALWAYS_RUN else self.ledger.completed(stage, self.key)
         if done is not None and _outputs_exist(done):
             self.reused.append(stage)

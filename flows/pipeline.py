@@ -1,8 +1,9 @@
-"""The whole path: ingest → questions → finetune → evaluate → gate → publish.
+"""The whole path: ingest → questions → (learn) → finetune → evaluate → gate → publish.
 
 Each stage is its own flow (runnable alone from the shell or the dashboard) and runs here as a
 subflow, so the dashboard shows one run per stage with its own artifacts. The pipeline only
-chooses defaults (from a profile), passes paths between stages and applies the gate.
+chooses defaults (from a profile), passes paths between stages and applies the gate. The learn
+stage runs when there are logged queries to learn from (`querylog/` or `learn.queries_file`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flows.evaluate import EvaluateParams, EvaluateSettings, evaluate
 from flows.finetune import FinetuneParams, FinetuneSettings, finetune
 from flows.incremental import StageRunner, sources_key
 from flows.ingest import IngestParams, IngestSettings, ingest
+from flows.learn import LearnParams, LearnSettings, learn, log_files
 from flows.params import Params
 from flows.profiles import ProfileName, profile_defaults
 from flows.publish import PublishParams, PublishSettings, publish
@@ -25,6 +27,7 @@ from flows.questions import QuestionParams, QuestionSettings, questions
 from flows.runners import RunnerParams
 from flows.search import StoreParams
 from tasks.report import markdown_table
+from tasks.workspace import Workspace, fingerprint_files
 
 
 class RunParams(StoreParams, RunnerParams):
@@ -109,6 +112,10 @@ class RefreshParams(RunParams):
 class PipelineParams(RunParams):
     """What a user sets for a whole run: every stage's section, and what to do at the gate."""
 
+    learn: LearnSettings = Field(
+        default_factory=LearnSettings,
+        description="Learning from logged queries (runs when the query log has any)",
+    )
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="Fine-tuning")
     evaluate: EvaluateSettings = Field(
         default_factory=EvaluateSettings, description="Evaluation and the gate"
@@ -117,6 +124,14 @@ class PipelineParams(RunParams):
     publish_if_gated: bool = Field(
         False, description="Publish the tuned model even when the gate says it is not better."
     )
+
+    def learn_params(self) -> LearnParams:
+        return LearnParams(
+            workspace=self.workspace,
+            base_model=self.base_model,
+            seed=self.seed,
+            **self.learn.model_dump(),
+        )
 
     def finetune_params(self) -> FinetuneParams:
         return FinetuneParams(
@@ -157,6 +172,9 @@ def pipeline(params: PipelineParams | None = None) -> State:
     stages = StageRunner(p.workspace, first_key=sources_key(p.sources))
     chunked = stages.run("ingest", ingest, p.ingest_params())
     asked = stages.run("questions", questions, p.question_params())
+    log = log_files(Workspace.at(p.workspace), p.learn.queries_file)
+    if log:
+        stages.run("learn", learn, p.learn_params(), reads=fingerprint_files(log))
     tuned = stages.run("finetune", finetune, p.finetune_params())
     judged = stages.run("evaluate", evaluate, p.evaluate_params(tuned.model_path))
     published = None

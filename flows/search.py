@@ -16,6 +16,7 @@ from pydantic import Field
 
 from flows.params import Params
 from tasks import store
+from tasks.querylog import append_query
 from tasks.relevance import reorder_head, rerank
 from tasks.workspace import Workspace
 
@@ -72,6 +73,15 @@ class SearchParams(StoreParams):
         description="Let the bundled LLM read this many top chunks and reorder them with the "
         "retriever (about 1 s per 10 chunks on 2 CPU cores); 0: off.",
     )
+    log_queries: bool | None = Field(
+        None,
+        description="Append the query and the chunk ids it returned to the workspace's "
+        "querylog/ (what `ragtune learn` learns from; never sent to Prefect logs or "
+        "artifacts); blank: on for the embedded store, off for a Chroma server.",
+    )
+
+    def logs_queries(self) -> bool:
+        return self.log_queries if self.log_queries is not None else not self.chroma_host
 
 
 def format_hits(hits: Iterable[store.Hit | Mapping[str, Any]], width: int = 160) -> str:
@@ -94,7 +104,9 @@ def format_hits(hits: Iterable[store.Hit | Mapping[str, Any]], width: int = 160)
 @flow(name="search", log_prints=True)
 def search(params: SearchParams) -> list[dict[str, Any]]:
     """Embed the query like the live collection's documents and return the top k chunks,
-    reordered by the LLM judge when `rerank` is set (`score` stays the cosine similarity)."""
+    reordered by the LLM judge when `rerank` is set (`score` stays the cosine similarity).
+    The query goes to the workspace's query log unless `log_queries` is off, and never into
+    this run's logs: only the hits are printed."""
     client = params.open_store()
     hits = store.search(client, params.alias, params.query, k=max(params.k, params.rerank))
     if params.rerank:
@@ -103,5 +115,13 @@ def search(params: SearchParams) -> list[dict[str, Any]]:
             hits, rerank(params.query, [h.text for h in top], [h.score for h in top])
         )
     hits = hits[: params.k]
+    if params.logs_queries():
+        append_query(
+            Workspace.at(params.workspace).querylog_dir,
+            params.query,
+            alias=params.alias,
+            collection=store.resolve_alias(client, params.alias).name,
+            hits=[(hit.id, hit.score) for hit in hits],
+        )
     print(format_hits(hits))
     return [asdict(hit) for hit in hits]

@@ -59,6 +59,8 @@ class Recipe:
     document_prompt: str | None = None
     matryoshka: bool = False
     needs_negatives: bool = False
+    #: rows carry the teacher's scores in a `label` column (distillation)
+    needs_labels: bool = False
     scale: float = 20.0
     margin: float = 5.0
     mini_batch_size: int = 32
@@ -133,6 +135,18 @@ RECIPES: dict[str, Recipe] = {
             mini_batch_size=16,
         ),
         Recipe(
+            name="matryoshka-distill",
+            loss="DistillKLDivLoss",
+            batch_size=16,
+            epochs=3,
+            matryoshka=True,
+            seed_card=None,
+            description="MatryoshkaLoss(DistillKLDivLoss): learn a judge's scores over each "
+            "query's candidates (rows with a label column, from `ragtune learn`).",
+            learning_rate=2e-5,
+            needs_labels=True,
+        ),
+        Recipe(
             name="gist",
             loss="GISTEmbedLoss",
             batch_size=32,
@@ -191,6 +205,9 @@ def validate_columns(data: Dataset, source: str = "training data") -> Dataset:
         while f"negative_{extra}" in data.column_names:
             keep.append(f"negative_{extra}")
             extra += 1
+    # The trainer hands a `label` column to the loss as its targets, not as an input.
+    if "label" in data.column_names:
+        keep.append("label")
     return data.select_columns(keep)
 
 
@@ -311,7 +328,7 @@ def train(
     dims = matryoshka_dims(width) if spec.matryoshka else [width]
 
     # 2. The data: checked columns, hard negatives mined when the recipe or the caller asks.
-    data = validate_columns(train_data)
+    data = _with_labels(validate_columns(train_data), spec)
     rows_hash = _rows_hash(data)
     data, mined, pool = _with_negatives(data, model, spec, hard_negatives, negatives_from)
 
@@ -399,6 +416,18 @@ def train(
         log_history=history,
         metrics=metrics,
     )
+
+
+def _with_labels(data: Dataset, spec: Recipe) -> Dataset:
+    """Rows as the recipe's loss takes them: a distillation loss needs the teacher's scores;
+    any other loss would be handed them as targets it does not expect."""
+    has_labels = "label" in data.column_names
+    if spec.needs_labels and not has_labels:
+        raise ValueError(
+            f"recipe {spec.name!r} learns a teacher's scores: it needs rows with a label "
+            "column (the judge's scores, as `ragtune learn --set label_form=distill` writes)"
+        )
+    return data if spec.needs_labels else data.remove_columns(["label"] if has_labels else [])
 
 
 def _with_negatives(
@@ -515,12 +544,35 @@ def gist_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
     return losses.GISTEmbedLoss(model, guide, temperature=spec.temperature)
 
 
+def scaled_cosine(a: Any, b: Any, scale: float) -> Any:
+    """Pairwise cosine similarity times `scale`, as MNRL scales its logits."""
+    from sentence_transformers.util import pairwise_cos_sim
+
+    return scale * pairwise_cos_sim(a, b)
+
+
+def distill_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
+    """KL divergence between the teacher's softmax over a query's candidates and the
+    student's. The teacher's scores are z-scores (spread about 1, temperature 1); the student's
+    are cosines, which span a tenth of that, so they are scaled by the recipe's `scale` as MNRL
+    scales them. Scaling the similarity, not lowering the student temperature, keeps the
+    gradient whole: the loss multiplies itself by the student temperature squared."""
+    import functools
+
+    from sentence_transformers.sentence_transformer import losses
+
+    return losses.DistillKLDivLoss(
+        model, similarity_fct=functools.partial(scaled_cosine, scale=spec.scale), temperature=1.0
+    )
+
+
 #: Each recipe's `loss` names the function that builds it with the recipe's parameters.
 LOSSES: dict[str, Callable[[SentenceTransformer, Recipe, str], Any]] = {
     "MultipleNegativesRankingLoss": mnrl_loss,
     "CachedMultipleNegativesRankingLoss": cached_mnrl_loss,
     "TripletLoss": triplet_loss,
     "GISTEmbedLoss": gist_loss,
+    "DistillKLDivLoss": distill_loss,
 }
 
 

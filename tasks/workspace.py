@@ -46,6 +46,19 @@ class Workspace:
         return self.root / "cache" / "questions"
 
     @property
+    def querylog_dir(self) -> Path:
+        return self.root / "querylog"
+
+    @property
+    def judgement_cache(self) -> Path:
+        return self.root / "cache" / "judgements.sqlite"
+
+    @property
+    def learned_dir(self) -> Path:
+        """What `learn` made of the log: training rows and the held-out judged queries."""
+        return self.root / "learned"
+
+    @property
     def models_dir(self) -> Path:
         return self.root / "models"
 

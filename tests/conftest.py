@@ -45,6 +45,18 @@ def workspace(tmp_path):
     return Workspace.at(tmp_path / "workspace")
 
 
+@pytest.fixture
+def ready_workspace(workspace, minilm):
+    """Chunks saved by ingest and a model folder saved with a query prompt, as finetune does."""
+    from tasks.workspace import save_rows
+    from tests.test_store import nist_rows
+
+    rows = nist_rows(range(5, 8), "nist")
+    save_rows(workspace.chunks_dir, rows)
+    save_with_prompts(minilm, workspace.model_dir("m"), {"query": "query: ", "document": ""})
+    return workspace, rows
+
+
 def save_with_prompts(model, folder: Path, prompts: dict[str, str]) -> Path:
     """Save `model` to `folder` with these prompts in its config, as the finetune flow does."""
     model.save(str(folder))

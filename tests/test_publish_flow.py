@@ -10,17 +10,7 @@ from flows.publish import PublishParams, publish
 from flows.search import SearchParams, format_hits, search
 from tasks import locks, store
 from tasks.workspace import save_rows
-from tests.conftest import save_with_prompts
 from tests.test_store import nist_rows
-
-
-@pytest.fixture
-def ready_workspace(workspace, minilm):
-    """Chunks saved by ingest and a model folder saved with a query prompt, as finetune does."""
-    rows = nist_rows(range(5, 8), "nist")
-    save_rows(workspace.chunks_dir, rows)
-    save_with_prompts(minilm, workspace.model_dir("m"), {"query": "query: ", "document": ""})
-    return workspace, rows
 
 
 def test_publish_flow_publishes_the_newest_model_then_search_finds_chunks(

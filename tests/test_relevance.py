@@ -18,7 +18,6 @@ from tasks.relevance import (
     rerank_evaluation,
     rerank_order,
 )
-from tests.test_publish_flow import ready_workspace  # noqa: F401  (a fixture)
 
 PASSAGES = [
     "Oslo is the capital city of Norway, at the head of the Oslofjord.",
@@ -145,7 +144,7 @@ def test_a_reranked_evaluation_needs_the_hits_kept(minilm, judge):
         rerank_evaluation(plain, 384, corpus, queries, relevant, judge_for=lambda q: judge)
 
 
-def test_search_flow_reranks_its_top_hits_and_returns_k(prefect_api, ready_workspace):  # noqa: F811
+def test_search_flow_reranks_its_top_hits_and_returns_k(prefect_api, ready_workspace):
     ws, rows = ready_workspace
     publish(PublishParams(workspace=str(ws.root)))
     target = rows[2]
@@ -159,7 +158,7 @@ def test_search_flow_reranks_its_top_hits_and_returns_k(prefect_api, ready_works
     assert all(h["score"] in {p["score"] for p in plain} for h in judged), "scores stay cosines"
 
 
-def test_the_search_command_reranks_with_the_judge(prefect_api, ready_workspace, capsys):  # noqa: F811
+def test_the_search_command_reranks_with_the_judge(prefect_api, ready_workspace, capsys):
     from flows.cli import main
 
     ws, rows = ready_workspace

@@ -158,7 +158,7 @@ class ApiGenerator:
         from tqdm.auto import tqdm
 
         results: dict[int, Generation] = {}
-        headers = self._headers()
+        headers = self.headers()
         limits = httpx.Limits(max_connections=self.concurrency)
         done = 0
         with (
@@ -195,7 +195,7 @@ class ApiGenerator:
             else:
                 self._completions(client, headers, passage, result)
         except ApiCallFailed as exc:
-            result.questions, result.error = [], self._redact(str(exc))
+            result.questions, result.error = [], self.redact(str(exc))
         return result
 
     def _chat(
@@ -212,7 +212,7 @@ class ApiGenerator:
         )
         payload = self._payload(passage, 0, messages=messages)
         payload["max_tokens"] = self.max_tokens or TOKENS_PER_QUESTION * self.n
-        data = self._post(client, headers, payload, result)
+        data = self.post(client, headers, payload, result)
         content = data["choices"][0]["message"].get("content") or ""
         questions = split_questions(content, limit=self.n)
         result.questions = drop_echoes(questions, self.example_queries)
@@ -246,7 +246,7 @@ class ApiGenerator:
             payload["max_tokens"] = self.max_tokens or TOKENS_PER_QUESTION
             if missing > 1:
                 payload["n"] = missing
-            data = self._post(client, headers, payload, result)
+            data = self.post(client, headers, payload, result)
             for choice in data["choices"][:missing]:
                 answered += split_questions(choice.get("text") or "", limit=1)
             result.questions = drop_echoes(answered, shown)
@@ -259,14 +259,15 @@ class ApiGenerator:
             payload["seed"] = passage_seed(passage, self.seed, call) % 2**31
         return payload
 
-    def _post(
+    def post(
         self,
         client: httpx.Client,
         headers: dict[str, str],
         payload: dict[str, Any],
         result: Generation,
     ) -> dict[str, Any]:
-        """One call with retries; adds the call's token usage to `result`."""
+        """One call to `url` with retries; adds the call's token usage to `result`. The
+        api judge posts through it too, so both follow the same retry and secret rules."""
         for attempt in range(self.max_retries + 1):
             retry_after: float | None = None
             try:
@@ -307,7 +308,7 @@ class ApiGenerator:
             log.warning(
                 "%s: %s; retry %d/%d in %.2f s",
                 self.url,
-                self._redact(reason),
+                self.redact(reason),
                 attempt + 1,
                 self.max_retries,
                 delay,
@@ -335,9 +336,9 @@ class ApiGenerator:
                 f" Check base_url (it includes the version, e.g. .../v1), the model name "
                 f"{self.model!r} and the endpoint {self.endpoint!r}."
             )
-        return self._redact(f"HTTP {response.status_code} from {self.url}: {body}.{hint}")
+        return self.redact(f"HTTP {response.status_code} from {self.url}: {body}.{hint}")
 
-    def _headers(self) -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
         key = self._api_key()
         if not key:
             return {}
@@ -370,7 +371,7 @@ class ApiGenerator:
             )
         return key or None
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
 

@@ -1,0 +1,181 @@
+"""Learn: the queries users asked → the judge's labels → training rows for the next retrain.
+
+Reads the workspace's query log (and a log the user brings), retrieves each new query's top K
+chunks with the base model, has the judge score them (cached: a query is never judged twice
+by the same judge), and writes training rows to `learned/train` and the held-out share of the
+log, with the judge's labels, to `learned/held_out.json`. The finetune stage mixes the rows
+with the synthetic questions; the evaluate stage reports base against tuned on the held-out
+queries. Artifacts show counts and timings only: no query text reaches the dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.artifacts import markdown, progress_artifact
+from flows.params import Params
+from tasks.judgements import Judgements
+from tasks.judges import JUDGES, make_judge
+from tasks.learning import LabelForm, judge_queries, judged_eval_set, retrieve, training_rows
+from tasks.models import MINILM, load_model
+from tasks.querylog import LOG_NAME, read_queries, unique_queries
+from tasks.report import markdown_table
+from tasks.workspace import Workspace, load_rows, save_rows
+
+
+class LearnSettings(Params):
+    """How logged queries become training data: the learn section of the pipeline."""
+
+    judge: str = Field("local", description=f"Who labels the queries: {', '.join(JUDGES)}.")
+    judge_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description='The judge\'s settings, e.g. {"base_url": ..., "model": ..., "mode": '
+        '"chat"} for api, {"model": "cross-encoder/..."} for cross-encoder.',
+    )
+    queries_file: str | None = Field(
+        None,
+        description="A log you already have, read besides the workspace's: one query per line "
+        "(.txt), JSONL or CSV with the query in `queries_field`.",
+    )
+    queries_field: str = Field("query", description="The query's field in a JSONL or CSV log.")
+    top_k: int = Field(10, ge=2, le=100, description="Candidates the judge scores per query.")
+    label_form: LabelForm = Field(
+        "positives",
+        description="positives: (query, judge's top chunk); negatives: plus a hard negative; "
+        "distill: the judge's scores over all candidates (recipe matryoshka-distill).",
+    )
+    held_out_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of the log (by query, seeded) never trained on."
+    )
+
+
+class LearnParams(LearnSettings):
+    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
+    base_model: str = Field(MINILM, description="Model whose top K candidates the judge reads.")
+    seed: int = Field(42, description="Seed of the held-out split.")
+
+
+class LearnResult(BaseModel):
+    logged: int = Field(description="Distinct queries in the log(s).")
+    new: int = Field(description="Queries the judge was asked about in this run.")
+    judged: int = Field(description="Queries with judgements (cached or new).")
+    failed: int = Field(description="Queries whose judging failed (retried next run).")
+    held_out: int
+    train_rows: int
+    judge_s_per_query: float
+    top1_changed: float = Field(description="Share of queries whose first result the judge moved.")
+    rows_path: str | None = None
+
+
+def log_files(ws: Workspace, queries_file: str | None) -> list[Path]:
+    """The logs there are to read: the workspace's own, where searches wrote one, and the
+    user's `queries_file` (which must exist when it is named)."""
+    own = ws.querylog_dir / LOG_NAME
+    files = [own] if own.exists() and own.stat().st_size else []
+    if queries_file:
+        if not Path(queries_file).is_file():
+            raise FileNotFoundError(f"queries_file {queries_file} does not exist")
+        files.append(Path(queries_file))
+    return files
+
+
+def logged_queries(ws: Workspace, queries_file: str | None, field: str = "query") -> list[str]:
+    """Every distinct query of the workspace's log and of `queries_file`, first seen first."""
+    texts: list[str] = []
+    for path in log_files(ws, queries_file):
+        texts += read_queries(path, "query" if path.parent == ws.querylog_dir else field)
+    return unique_queries(texts)
+
+
+@flow(name="learn", log_prints=True)
+def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
+    """Label the logged queries with the judge and write training rows from its labels."""
+    ws = Workspace.at(params.workspace)
+    queries = logged_queries(ws, params.queries_file, params.queries_field)
+    if not queries:
+        print(f"no logged queries in {ws.querylog_dir}: nothing to learn from yet")
+        return LearnResult(
+            logged=0, new=0, judged=0, failed=0, held_out=0, train_rows=0, judge_s_per_query=0.0
+        )
+    texts = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
+    print(f"{len(queries)} distinct logged queries; retrieving the top {params.top_k} of each")
+    candidates = retrieve(load_model(params.base_model), texts, queries, params.top_k)
+    judge = make_judge(params.judge, **params.judge_settings)
+    cache = Judgements(ws.judgement_cache)
+    try:
+        run = judge_queries(
+            queries,
+            candidates,
+            texts,
+            judge,
+            cache,
+            held_out_share=params.held_out_share,
+            seed=params.seed,
+            progress=progress_artifact("learn-progress", f"Judging logged queries ({judge.name})"),
+        )
+    finally:
+        cache.close()
+    trainable = [q for q in run.judged if not q.held_out]
+    rows = training_rows(trainable, texts, params.label_form)
+    rows_path = None
+    ws.learned_dir.mkdir(parents=True, exist_ok=True)
+    if rows:
+        rows_path = str(save_rows(ws.learned_dir / "train", rows))
+    else:
+        # Rows of an earlier log must not stand in for this one's.
+        shutil.rmtree(ws.learned_dir / "train", ignore_errors=True)
+    held_queries, held_relevant = judged_eval_set(run.judged)
+    (ws.learned_dir / "held_out.json").write_text(
+        json.dumps(
+            {
+                "labels": f"judge {judge.name} ({judge.fingerprint()})",
+                "queries": held_queries,
+                "relevant": {qid: sorted(ids) for qid, ids in held_relevant.items()},
+            }
+        )
+    )
+    result = LearnResult(
+        logged=len(queries),
+        new=run.new,
+        judged=len(run.judged),
+        failed=len(run.failed),
+        held_out=len(held_queries),
+        train_rows=len(rows),
+        judge_s_per_query=round(run.seconds_per_new_query, 3),
+        top1_changed=round(run.top_changed(), 3),
+        rows_path=rows_path,
+    )
+    print(
+        f"judged {run.new} new queries ({result.judge_s_per_query:.2f} s each), "
+        f"{len(run.failed)} failed; {len(rows)} {params.label_form} rows, "
+        f"{len(held_queries)} queries held out"
+    )
+    for reason in run.failed[:5]:
+        print(f"judging failed: {reason}")
+    markdown(
+        "learn-summary",
+        learn_report(result, judge.name, params.label_form),
+        description="What the judge made of the query log (counts only, no query text)",
+    )
+    return result
+
+
+def learn_report(result: LearnResult, judge: str, form: str) -> str:
+    """Markdown of the run's counts and timings; never a query's text."""
+    rows = [
+        {"": "distinct queries logged", "value": result.logged},
+        {"": "judged this run (new)", "value": result.new},
+        {"": "judged in all (with the cache)", "value": result.judged},
+        {"": "failed (judged again next run)", "value": result.failed},
+        {"": "held out (never trained on)", "value": result.held_out},
+        {"": f"training rows ({form})", "value": result.train_rows},
+        {"": "judge seconds per new query", "value": result.judge_s_per_query},
+        {"": "share where the judge changed the top 1", "value": result.top1_changed},
+    ]
+    return f"# Learning from the query log (judge: {judge})\n\n{markdown_table(rows)}"

@@ -1,0 +1,227 @@
+"""Judges behind one small protocol: how relevant is each passage to a query?
+
+`learn` asks a judge about the retriever's top candidates for every logged query and trains the
+retriever on the answers, so the judge is the teacher. Three kinds, chosen by name:
+
+- `local`: the bundled Gemma's query likelihood (`tasks.relevance`), offline, the default;
+- `api`: any OpenAI-compatible endpoint. With `mode="logprobs"` the same query likelihood from
+  the log-probabilities of the prompt's tokens (`/completions` with `echo` and `logprobs`, as
+  OpenAI's legacy API, vLLM and llama.cpp's server return them); with `mode="chat"` a graded
+  relevance label from `/chat/completions` for servers that give no prompt log-probabilities;
+- `cross-encoder`: a sentence-transformers `CrossEncoder` by hub id or folder.
+
+A judge's `fingerprint()` names what changes its scores, so judgements are cached under it and
+a query is never judged twice by the same judge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from tasks.relevance import JUDGE_CACHE, JUDGE_PROMPT, STATEMENT_PROMPT, is_statement, style_judges
+from tasks.workspace import fingerprint as hash_parts
+
+#: `mode="chat"`: the rubric the model grades each passage by.
+GRADE_PROMPT = (
+    "Grade how well the passage answers the query, from 0 to 3.\n"
+    "3: it answers the query directly. 2: it answers part of it. 1: it is on the topic but "
+    "does not answer it. 0: it is about something else.\n\n"
+    "Query: {query}\n\nPassage: {passage}\n\nReply with the grade only: one digit."
+)
+
+
+@runtime_checkable
+class Judge(Protocol):
+    name: str
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that changes the scores (never a secret)."""
+        ...
+
+    def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        """One score per passage, higher for more relevant; comparable within one query."""
+        ...
+
+
+@dataclass
+class LocalJudge:
+    """The bundled Gemma 3 270M, in the prompt style of each query (question or claim).
+
+    The compute path (bfloat16, float32, int8) is left out of the fingerprint: the paths agree
+    within tests' tolerance, and a user moving to another CPU should not pay to re-judge a log.
+    """
+
+    cache_size: int = JUDGE_CACHE
+    max_passage_chars: int = 1000
+    name: str = field(default="local", init=False)
+
+    def __post_init__(self) -> None:
+        self._judge_for = style_judges(self.cache_size)
+
+    def fingerprint(self) -> str:
+        return hash_parts(
+            "local", "gemma3-270m", JUDGE_PROMPT, STATEMENT_PROMPT, self.max_passage_chars
+        )
+
+    def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        return self._judge_for(query).score(query, passages)
+
+
+@dataclass
+class ApiJudge:
+    """A model behind an OpenAI-compatible API, with the api generator's retries, timeouts and
+    key handling (the key comes from `api_key_env` or a Prefect Secret, never from settings)."""
+
+    base_url: str = ""
+    model: str = "gpt-4o-mini"
+    mode: Literal["logprobs", "chat"] = "logprobs"
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_secret: str | None = None
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    max_passage_chars: int = 1500
+    name: str = field(default="api", init=False)
+
+    def __post_init__(self) -> None:
+        from tasks.generators.api import ApiGenerator
+
+        if self.mode not in ("logprobs", "chat"):
+            raise ValueError(f"mode must be 'logprobs' or 'chat', got {self.mode!r}")
+        self._api = ApiGenerator(
+            base_url=self.base_url,
+            model=self.model,
+            endpoint="completions" if self.mode == "logprobs" else "chat",
+            api_key_env=self.api_key_env,
+            api_key_secret=self.api_key_secret,
+            temperature=0.0,
+            seed=None,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            backoff_max_s=self.backoff_max_s,
+            show_progress=False,
+        )
+
+    def fingerprint(self) -> str:
+        prompts = (JUDGE_PROMPT, STATEMENT_PROMPT) if self.mode == "logprobs" else GRADE_PROMPT
+        return hash_parts(
+            "api", self._api.base_url, self.model, self.mode, prompts, self.max_passage_chars
+        )
+
+    def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        """Scores for all passages, `concurrency` calls at a time. A call that fails after its
+        retries raises `ApiCallFailed`: a query is judged whole or not at all, so the cache
+        never holds half a candidate list."""
+        import httpx
+
+        headers = self._api.headers()
+        limits = httpx.Limits(max_connections=self.concurrency)
+        with (
+            httpx.Client(timeout=self.timeout_s, limits=limits) as client,
+            ThreadPoolExecutor(self.concurrency, thread_name_prefix="ragtune-judge") as pool,
+        ):
+            one = self._likelihood if self.mode == "logprobs" else self._grade
+            return list(pool.map(lambda p: one(client, headers, query, p), passages))
+
+    def _likelihood(self, client: Any, headers: dict[str, str], query: str, passage: str) -> float:
+        from tasks.generators import Generation
+        from tasks.generators.api import ApiCallFailed
+
+        template = STATEMENT_PROMPT if is_statement(query) else JUDGE_PROMPT
+        context = template.format(passage=passage[: self.max_passage_chars])
+        prompt = f"{context} {query}"
+        payload = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "logprobs": 0,
+        }
+        data = self._api.post(client, headers, payload, Generation([]))
+        logprobs = data["choices"][0].get("logprobs") or {}
+        offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
+        if not offsets or not values:
+            raise ApiCallFailed(
+                f"{self.model} at {self._api.url} returned no prompt log-probabilities "
+                "(echo with logprobs): use the judge's mode='chat' for this server"
+            )
+        # Tokens that start inside the query; the echoed completion token comes after it.
+        asked = [
+            value
+            for offset, value in zip(offsets, values, strict=False)
+            if len(context) <= offset < len(prompt) and value is not None
+        ]
+        if not asked:
+            raise ApiCallFailed(f"{self.model} at {self._api.url} echoed none of the query")
+        return sum(asked) / len(asked)
+
+    def _grade(self, client: Any, headers: dict[str, str], query: str, passage: str) -> float:
+        from tasks.generators import Generation
+        from tasks.generators.api import ApiCallFailed
+
+        message = GRADE_PROMPT.format(query=query, passage=passage[: self.max_passage_chars])
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": message}],
+            "max_tokens": 4,
+            "temperature": 0.0,
+        }
+        data = self._api.post(client, headers, payload, Generation([]))
+        content = data["choices"][0]["message"].get("content") or ""
+        grade = re.search(r"[0-3]", content)
+        if grade is None:
+            raise ApiCallFailed(f"{self.model} at {self._api.url} gave no grade: {content[:80]!r}")
+        return float(grade.group())
+
+
+@dataclass
+class CrossEncoderJudge:
+    """A sentence-transformers CrossEncoder (hub id or folder) reading (query, passage)."""
+
+    model: str = "cross-encoder/ms-marco-MiniLM-L6-v2"
+    batch_size: int = 32
+    name: str = field(default="cross-encoder", init=False)
+
+    _encoder: Any = field(default=None, init=False, repr=False)
+
+    def fingerprint(self) -> str:
+        return hash_parts("cross-encoder", self.model)
+
+    def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        from sentence_transformers import CrossEncoder
+
+        if self._encoder is None:
+            self._encoder = CrossEncoder(self.model)
+        pairs = [(query, passage) for passage in passages]
+        scores = self._encoder.predict(pairs, batch_size=self.batch_size, show_progress_bar=False)
+        return [float(s) for s in scores]
+
+
+JUDGES: dict[str, type] = {"local": LocalJudge, "api": ApiJudge, "cross-encoder": CrossEncoderJudge}
+
+
+def make_judge(name: str, **settings: Any) -> Judge:
+    """The judge called `name` with `settings`; unknown names or settings are a `ValueError`
+    listing what is known."""
+    import dataclasses
+
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {name!r}; known judges: {', '.join(JUDGES)}")
+    cls = JUDGES[name]
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) for the {name!r} judge: {', '.join(unknown)}; "
+            f"known settings: {', '.join(sorted(known))}"
+        )
+    return cls(**settings)

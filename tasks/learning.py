@@ -1,0 +1,212 @@
+"""Learn from logged queries: the judge labels the retriever's candidates, the retriever trains
+on the labels (UPR and ART, Sachan et al., 2022: language-model likelihood as the teacher).
+
+For each logged query the base model retrieves its top K chunks and the judge scores each one
+(cached, `tasks.judgements`). The teacher's opinion of a candidate is the same mix that
+re-ranking uses (standardised retriever score plus standardised judge score), since that mix
+is what measurably beats the retriever alone. Training rows come in three forms:
+
+- `positives`: (query, the teacher's top chunk), for MultipleNegativesRankingLoss;
+- `negatives`: plus the teacher's bottom chunk as a hard negative, when the teacher puts it at
+  least `negative_margin` standard deviations below the top (else it may be a false negative);
+- `distill`: (query, all K chunks in teacher order) with the teacher's scores as soft labels,
+  for DistillKLDivLoss: the student learns the judge's whole ordering, not just its favourite.
+
+A seeded share of the log is held out by query and never becomes a training row: it is where
+the report measures the tuned model, against the judge's labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from tasks.judgements import Judgements
+from tasks.judges import Judge
+from tasks.progress import Progress
+from tasks.querylog import is_held_out
+from tasks.relevance import rerank_order, standardise
+
+LabelForm = Literal["positives", "negatives", "distill"]
+LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
+
+
+@dataclass
+class JudgedQuery:
+    """One logged query, its candidates in the retriever's order, and what the judge said."""
+
+    query: str
+    chunk_ids: list[str]
+    base_scores: list[float]
+    judge_scores: list[float]
+    held_out: bool
+
+    def teacher_scores(self, weight: float = 1.0) -> np.ndarray:
+        """The teacher's score of each candidate (in the retriever's order)."""
+        return standardise(self.base_scores) + weight * standardise(self.judge_scores)
+
+    def teacher_order(self, weight: float = 1.0) -> list[int]:
+        """Candidate positions, the teacher's best first."""
+        return rerank_order(self.base_scores, self.judge_scores, weight)
+
+
+@dataclass
+class JudgeRun:
+    """What one pass over a log did."""
+
+    judged: list[JudgedQuery] = field(default_factory=list)
+    #: queries the judge was asked about in this run (the rest came from the cache)
+    new: int = 0
+    #: (query, chunk) pairs the judge scored in this run
+    pairs: int = 0
+    judge_s: float = 0.0
+    #: queries whose judging failed, with the reason (they are judged again next run)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def seconds_per_new_query(self) -> float:
+        return self.judge_s / self.new if self.new else 0.0
+
+    def top_changed(self, weight: float = 1.0) -> float:
+        """Share of judged queries whose first result the teacher would change."""
+        if not self.judged:
+            return 0.0
+        return sum(q.teacher_order(weight)[0] != 0 for q in self.judged) / len(self.judged)
+
+
+def retrieve(
+    model: Any, corpus: Mapping[str, str], queries: Sequence[str], k: int, batch_size: int = 64
+) -> list[list[tuple[str, float]]]:
+    """The top `k` (chunk id, cosine) of each query by `model`, with its own prompts. Equal
+    texts are encoded once so their copies tie, and ties go to the smaller id, as in
+    evaluation."""
+    from tasks.evaluation import distinct
+    from tasks.models import model_prompts
+
+    query_prompt, document_prompt = model_prompts(model)
+    ids = sorted(corpus)
+    texts = distinct(corpus[cid] for cid in ids)
+    column = {text: i for i, text in enumerate(texts)}
+    options = {"batch_size": batch_size, "normalize_embeddings": True, "convert_to_numpy": True}
+    documents = model.encode_document(texts, prompt=document_prompt or None, **options)
+    asked = model.encode_query(list(queries), prompt=query_prompt or None, **options)
+    scores = (asked @ documents.T)[:, [column[corpus[cid]] for cid in ids]]
+    k = min(k, len(ids))
+    # Stable sort of ids already in ascending order: equal scores keep the smaller id first.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[(ids[i], float(row[i])) for i in top] for row, top in zip(scores, order, strict=True)]
+
+
+def judge_queries(
+    queries: Sequence[str],
+    candidates: Sequence[Sequence[tuple[str, float]]],
+    texts: Mapping[str, str],
+    judge: Judge,
+    cache: Judgements,
+    held_out_share: float = 0.2,
+    seed: int = 42,
+    progress: Progress | None = None,
+) -> JudgeRun:
+    """Judge each query's candidates, asking the judge only about pairs the cache lacks.
+
+    A query's new scores are stored as soon as it is judged, so an interrupted run resumes;
+    a query whose judging fails for good (an API judge after its retries) is reported, not
+    stored, and the rest go on.
+    """
+    from tqdm.auto import tqdm
+
+    from tasks.generators.api import ApiCallFailed
+
+    if len(queries) != len(candidates):
+        raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
+    fingerprint = judge.fingerprint()
+    run = JudgeRun()
+    pairs = list(zip(queries, candidates, strict=True))
+    for done, (query, hits) in enumerate(
+        tqdm(pairs, desc=f"judging ({judge.name})", unit="query", disable=None), start=1
+    ):
+        ids = [cid for cid, _ in hits]
+        known = cache.scores(query, fingerprint, ids)
+        missing = [cid for cid in ids if cid not in known]
+        if missing:
+            started = time.perf_counter()
+            try:
+                scores = judge.score(query, [texts[cid] for cid in missing])
+            except ApiCallFailed as exc:
+                run.failed.append(str(exc))
+                continue
+            run.judge_s += time.perf_counter() - started
+            new = dict(zip(missing, scores, strict=True))
+            cache.record(query, fingerprint, new)
+            known |= new
+            run.new += 1
+            run.pairs += len(missing)
+        run.judged.append(
+            JudgedQuery(
+                query=query,
+                chunk_ids=ids,
+                base_scores=[score for _, score in hits],
+                judge_scores=[known[cid] for cid in ids],
+                held_out=is_held_out(query, held_out_share, seed),
+            )
+        )
+        if progress is not None:
+            progress(done, len(pairs))
+    return run
+
+
+def training_rows(
+    judged: Sequence[JudgedQuery],
+    texts: Mapping[str, str],
+    form: LabelForm = "positives",
+    weight: float = 1.0,
+    negative_margin: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Rows for the trainer from judged queries, in `form` (see the module's docstring)."""
+    if form not in LABEL_FORMS:
+        raise ValueError(f"unknown label form {form!r}; choose one of {', '.join(LABEL_FORMS)}")
+    held = [q.query for q in judged if q.held_out]
+    if held:
+        raise ValueError(
+            f"{len(held)} held-out queries were passed to training_rows: the held-out share "
+            "of the log is for measuring, never for training"
+        )
+    width = min((len(q.chunk_ids) for q in judged), default=0)
+    rows = []
+    for q in judged:
+        if len(q.chunk_ids) < 2:
+            continue
+        order = q.teacher_order(weight)
+        teacher = q.teacher_scores(weight)
+        ranked = [texts[q.chunk_ids[i]] for i in order]
+        row: dict[str, Any] = {"anchor": q.query, "positive": ranked[0]}
+        if form == "negatives":
+            if teacher[order[0]] - teacher[order[-1]] < negative_margin:
+                continue
+            row["negative"] = ranked[-1]
+        elif form == "distill":
+            # Every row needs as many candidates: the loss stacks them into one tensor.
+            for n, text in enumerate(ranked[1:width], start=1):
+                row["negative" if n == 1 else f"negative_{n}"] = text
+            row["label"] = [float(teacher[i]) for i in order[:width]]
+        rows.append(row)
+    return rows
+
+
+def judged_eval_set(
+    judged: Sequence[JudgedQuery],
+) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """The held-out logged queries as an IR set whose relevant chunk is the one the judge
+    scored highest: labels by the judge alone (not mixed with the base retriever, which would
+    favour the base model), not by people, and to be reported as such."""
+    queries: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    for n, q in enumerate(q for q in judged if q.held_out):
+        qid = f"log{n}"
+        queries[qid] = q.query
+        relevant[qid] = {q.chunk_ids[int(np.argmax(q.judge_scores))]}
+    return queries, relevant

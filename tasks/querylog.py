@@ -1,0 +1,112 @@
+"""The queries users really ask: a log the search flow appends to, and the logs users bring.
+
+The log is the raw material of `learn`: real queries, no labels. It lives in the workspace
+(`querylog/queries.jsonl`, one JSON object a line) and nowhere else: never in a Prefect log or
+artifact, since queries can be personal. Each search is one line, written with a single
+`write` to a file opened for appending, so concurrent searches do not interleave their lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+LOG_NAME = "queries.jsonl"
+
+
+def append_query(
+    folder: Path,
+    query: str,
+    *,
+    alias: str,
+    collection: str,
+    hits: Sequence[tuple[str, float]],
+) -> Path:
+    """Add one search to the log in `folder`: the query, when, where, and what it returned."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOG_NAME
+    record = {
+        "query": query,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "alias": alias,
+        "collection": collection,
+        "hits": [{"id": chunk_id, "score": round(float(score), 6)} for chunk_id, score in hits],
+    }
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_queries(path: str | os.PathLike[str], field: str = "query") -> list[str]:
+    """Query texts from a log: ragtune's own JSONL, any JSONL or CSV with a `field` column,
+    or plain text with one query per line (any other suffix). Blank entries are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no query log at {path}")
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        texts = [_field(row, field, path, n) for n, row in _jsonl(path)]
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if field not in (reader.fieldnames or []):
+                raise ValueError(
+                    f"{path} has no column {field!r} (columns: {reader.fieldnames}); "
+                    "name the query column with queries_field"
+                )
+            texts = [row[field] or "" for row in reader]
+    else:
+        texts = path.read_text(encoding="utf-8").splitlines()
+    return [text.strip() for text in texts if text and text.strip()]
+
+
+def normalise(query: str) -> str:
+    """The form two queries are compared in: whitespace collapsed, case folded."""
+    return " ".join(query.split()).casefold()
+
+
+def unique_queries(queries: Iterable[str]) -> list[str]:
+    """Queries in first-seen order, each counted once however it is spaced or cased."""
+    seen: dict[str, str] = {}
+    for query in queries:
+        key = normalise(query)
+        if key and key not in seen:
+            seen[key] = " ".join(query.split())
+    return list(seen.values())
+
+
+def is_held_out(query: str, share: float, seed: int = 42) -> bool:
+    """Whether `query` belongs to the seeded held-out share of the log. Decided by a hash of
+    the normalised text, so a query stays on its side however the log grows or is reordered,
+    and a retrain never sees a query an earlier report was measured on."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the held-out share must be in [0, 1), got {share}")
+    digest = hashlib.sha256(f"{seed}\0{normalise(query)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def _jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for n, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}, line {n}: not JSON ({exc.msg})") from None
+
+
+def _field(row: Any, field: str, path: Path, n: int) -> str:
+    if not isinstance(row, dict) or field not in row:
+        raise ValueError(
+            f"{path}, line {n}: no field {field!r}; name the query field with queries_field"
+        )
+    return str(row[field] or "")
