@@ -22,7 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from tasks.relevance import JUDGE_CACHE, JUDGE_PROMPT, STATEMENT_PROMPT, is_statement, style_judges
+from tasks.relevance import (
+    JUDGE_CACHE,
+    JUDGE_PROMPT,
+    STATEMENT_PROMPT,
+    is_statement,
+    score_grouped,
+    style_judges,
+)
 from tasks.workspace import fingerprint as hash_parts
 
 #: `mode="chat"`: the rubric the model grades each passage by.
@@ -69,6 +76,10 @@ class LocalJudge:
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
         return self._judge_for(query).score(query, passages)
+
+    def score_many(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        """Several queries' candidates in shared batches, one batch run per prompt style."""
+        return score_grouped(self._judge_for, items)
 
 
 @dataclass

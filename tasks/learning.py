@@ -19,7 +19,7 @@ the report measures the tuned model, against the judge's labels.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ from tasks.judgements import Judgements
 from tasks.judges import Judge
 from tasks.progress import Progress
 from tasks.querylog import is_held_out
-from tasks.relevance import rerank_order, standardise
+from tasks.relevance import QUERY_GROUP, rerank_order, standardise
 
 LabelForm = Literal["positives", "negatives", "distill"]
 LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
@@ -113,50 +113,89 @@ def judge_queries(
 ) -> JudgeRun:
     """Judge each query's candidates, asking the judge only about pairs the cache lacks.
 
-    A query's new scores are stored as soon as it is judged, so an interrupted run resumes;
-    a query whose judging fails for good (an API judge after its retries) is reported, not
-    stored, and the rest go on.
+    Queries go to the judge QUERY_GROUP at a time where it can batch them (`score_many`), and
+    each query's new scores are stored as soon as its group is judged, so an interrupted run
+    resumes; a query whose judging fails for good (an API judge after its retries) is
+    reported, not stored, and the rest go on.
     """
     from tqdm.auto import tqdm
 
-    from tasks.generators.api import ApiCallFailed
-
     if len(queries) != len(candidates):
         raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
-    fingerprint = judge.fingerprint()
     run = JudgeRun()
     pairs = list(zip(queries, candidates, strict=True))
-    for done, (query, hits) in enumerate(
-        tqdm(pairs, desc=f"judging ({judge.name})", unit="query", disable=None), start=1
-    ):
-        ids = [cid for cid, _ in hits]
-        known = cache.scores(query, fingerprint, ids)
-        missing = [cid for cid in ids if cid not in known]
+    held = {query: is_held_out(query, held_out_share, seed) for query in queries}
+    with tqdm(total=len(pairs), desc=f"judging ({judge.name})", unit="query", disable=None) as bar:
+        for start in range(0, len(pairs), QUERY_GROUP):
+            group = pairs[start : start + QUERY_GROUP]
+            run.judged += _judge_group(group, texts, judge, cache, run, held)
+            bar.update(len(group))
+            if progress is not None:
+                progress(start + len(group), len(pairs))
+    return run
+
+
+def _judge_group(
+    group: Sequence[tuple[str, Sequence[tuple[str, float]]]],
+    texts: Mapping[str, str],
+    judge: Judge,
+    cache: Judgements,
+    run: JudgeRun,
+    held: Mapping[str, bool],
+) -> list[JudgedQuery]:
+    """Judge one group of queries: look up the cache, ask the judge about the rest in one
+    call, store each query's new scores; the group's judged queries (failed ones left out)."""
+    fingerprint = judge.fingerprint()
+    known = [cache.scores(q, fingerprint, [cid for cid, _ in hits]) for q, hits in group]
+    asks = []
+    for i, (_, hits) in enumerate(group):
+        missing = [cid for cid, _ in hits if cid not in known[i]]
         if missing:
-            started = time.perf_counter()
-            try:
-                scores = judge.score(query, [texts[cid] for cid in missing])
-            except ApiCallFailed as exc:
-                run.failed.append(str(exc))
-                continue
-            run.judge_s += time.perf_counter() - started
+            asks.append((i, missing))
+    started = time.perf_counter()
+    answers = _answers(judge, [(group[i][0], [texts[cid] for cid in ids]) for i, ids in asks], run)
+    # Each answer is stored as it comes, so a run killed mid-group keeps what it paid for.
+    for (i, missing), scores in zip(asks, answers, strict=True):
+        if scores is not None:
             new = dict(zip(missing, scores, strict=True))
-            cache.record(query, fingerprint, new)
-            known |= new
+            cache.record(group[i][0], fingerprint, new)
+            known[i] |= new
             run.new += 1
             run.pairs += len(missing)
-        run.judged.append(
-            JudgedQuery(
-                query=query,
-                chunk_ids=ids,
-                base_scores=[score for _, score in hits],
-                judge_scores=[known[cid] for cid in ids],
-                held_out=is_held_out(query, held_out_share, seed),
+    run.judge_s += time.perf_counter() - started
+    judged = []
+    for i, (query, hits) in enumerate(group):
+        ids = [cid for cid, _ in hits]
+        if all(cid in known[i] for cid in ids):
+            judged.append(
+                JudgedQuery(
+                    query=query,
+                    chunk_ids=ids,
+                    base_scores=[score for _, score in hits],
+                    judge_scores=[known[i][cid] for cid in ids],
+                    held_out=held[query],
+                )
             )
-        )
-        if progress is not None:
-            progress(done, len(pairs))
-    return run
+    return judged
+
+
+def _answers(
+    judge: Judge, items: list[tuple[str, list[str]]], run: JudgeRun
+) -> Iterator[list[float] | None]:
+    """The judge's scores for each item, all at once where the judge batches (`score_many`),
+    else one by one; None for an item whose judging failed for good (its reason added to
+    `run.failed`)."""
+    from tasks.generators.api import ApiCallFailed
+
+    if items and hasattr(judge, "score_many"):
+        yield from judge.score_many(items)
+        return
+    for query, passages in items:
+        try:
+            yield judge.score(query, passages)
+        except ApiCallFailed as exc:
+            run.failed.append(str(exc))
+            yield None
 
 
 def training_rows(

@@ -119,6 +119,17 @@ class StopsAfter:
         return self.judge.score(query, passages)
 
 
+def test_the_local_judge_batches_questions_and_claims_each_in_its_own_prompt():
+    judge = LocalJudge(cache_size=0)
+    items = [("What is the capital of Peru?", PASSAGES), ("Lima is Peru's capital.", PASSAGES)]
+
+    together = judge.score_many(items)
+
+    for (query, passages), scores in zip(items, together, strict=True):
+        assert scores == pytest.approx(judge.score(query, passages), abs=0.05)
+        assert int(np.argmax(scores)) == 1
+
+
 def test_an_interrupted_judging_run_resumes_where_it_stopped(tmp_path):
     judge = LocalJudge()
     texts = {f"p{i}": passage for i, passage in enumerate(PASSAGES)}

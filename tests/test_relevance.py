@@ -86,6 +86,32 @@ def test_cached_passage_states_give_the_fresh_scores_and_stay_within_their_bound
         local_judge(cache_size=-1)
 
 
+def test_judging_many_queries_together_gives_each_query_its_own_scores(float32_scores):
+    judge = local_judge(dtype="float32")
+    items = [(question, PASSAGES) for question, _ in ANSWERED]
+    items.append(("Is Lima on the coast?", PASSAGES[1:]))
+
+    # A small budget forces several batches, each mixing pairs of different queries.
+    together = judge.score_many(items, batch_tokens=120)
+
+    assert [len(scores) for scores in together] == [3, 3, 3, 2]
+    assert np.abs(np.array(together[:3]) - float32_scores).max() <= 1e-4
+    assert together[3] == pytest.approx(judge.score(*items[3]), abs=1e-4)
+
+
+def test_a_token_budget_cuts_what_the_judge_reads():
+    judge = local_judge(dtype="float32")
+    short = QueryLikelihood(judge.model, judge.tokenizer, "short", max_passage_tokens=4)
+
+    read = short._cut(PASSAGES[1])
+
+    assert len(judge.tokenizer(read, add_special_tokens=False)["input_ids"]) == 4
+    assert PASSAGES[1].startswith(read) and judge._cut(PASSAGES[1]) == PASSAGES[1]
+    assert short.score("What is the capital of Peru?", PASSAGES) != judge.score(
+        "What is the capital of Peru?", PASSAGES
+    )
+
+
 def test_statements_get_the_claim_prompt_and_questions_the_question_prompt():
     assert is_statement("Lima is the capital of Peru.") and is_statement("capital of Peru")
     assert not is_statement("What is the capital of Peru? ")
