@@ -4,7 +4,9 @@ Zero-shot MiniLM retrieves the top `--top` abstracts for each of the 801 evaluat
 (the same 8 claims as `bench/quality.py` are set aside, so the numbers compare); the bundled Gemma
 3 270M then scores each candidate by the log-probability of the claim after the abstract, and
 `tasks.relevance.rerank_order` mixes both scores. NDCG@10 with and without re-ranking, paired
-bootstrap interval, and the judge's wall time per query. CPU heavy (one LLM pass per candidate).
+bootstrap interval, and the judge's wall time per query (amortised over `--group` claims judged
+together). CPU heavy (one LLM pass per candidate); the corpus's MiniLM vectors are kept in
+bench/out/rerank/ after the first run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py --top 10
 """
@@ -25,7 +27,14 @@ from tqdm import tqdm
 from tasks.evaluation import paired_bootstrap, ranking_metrics
 from tasks.fewshot import labelled_split
 from tasks.models import MINILM, load_model
-from tasks.relevance import local_judge_name, reorder_head, rerank_order, style_judges
+from tasks.relevance import (
+    local_judge_name,
+    reorder_head,
+    rerank_order,
+    score_grouped,
+    style_judges,
+)
+from tasks.workspace import fingerprint
 
 OUT = ROOT / "bench" / "out" / "rerank"
 
@@ -42,6 +51,12 @@ def main() -> None:
     parser.add_argument(
         "--cache", type=int, default=0, help="Passages whose states the judge keeps (0: none)."
     )
+    parser.add_argument(
+        "--group", type=int, default=1, help="Claims judged together in shared batches."
+    )
+    parser.add_argument(
+        "--passage-tokens", type=int, default=0, help="Cut passages to N tokens (0: no cut)."
+    )
     args = parser.parse_args()
     args.beir = beir_folder(args.beir)
 
@@ -52,21 +67,32 @@ def main() -> None:
     doc_ids = list(split.corpus)
     model = load_model(MINILM)
     encode = {"batch_size": 64, "normalize_embeddings": True}
-    corpus = model.encode([split.corpus[d] for d in doc_ids], show_progress_bar=True, **encode)
+    # The corpus's vectors depend only on the model and the texts: encoded once, kept on disk.
+    texts = [split.corpus[d] for d in doc_ids]
+    stored = OUT / f"corpus-{fingerprint(MINILM, texts)}.npy"
+    if not stored.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        np.save(stored, model.encode(texts, show_progress_bar=True, **encode))
+    corpus = np.load(stored)
     queries = model.encode([split.queries[q] for q in query_ids], **encode)
     scores = queries @ corpus.T
 
-    judge_for = style_judges(args.cache)
-    rankings, top_scores, judged, seconds = [], [], [], []
-    for row, qid in enumerate(tqdm(query_ids, desc="judging", unit="claim")):
+    judge_for = style_judges(args.cache, args.passage_tokens or None)
+    rankings, top_scores = [], []
+    for row in range(len(query_ids)):
         order = np.argsort(-scores[row])[:100]
         rankings.append([doc_ids[i] for i in order])
         top_scores.append(scores[row][order[: args.top]].tolist())
-        query = split.queries[qid]
+    judged, seconds = [], []
+    for start in tqdm(range(0, len(query_ids), args.group), desc="judging", unit="group"):
+        rows = range(start, min(start + args.group, len(query_ids)))
+        items = [
+            (split.queries[query_ids[r]], [split.corpus[d] for d in rankings[r][: args.top]])
+            for r in rows
+        ]
         started = time.perf_counter()
-        candidates = [split.corpus[d] for d in rankings[-1][: args.top]]
-        judged.append(judge_for(query).score(query, candidates))
-        seconds.append(time.perf_counter() - started)
+        judged += score_grouped(judge_for, items)
+        seconds += [(time.perf_counter() - started) / len(rows)] * len(rows)
 
     def ndcg(weight: float) -> list[float]:
         out = []
@@ -89,6 +115,8 @@ def main() -> None:
         "weight": args.weight,
         "judge": local_judge_name(),
         "judge_cache": args.cache,
+        "group": args.group,
+        "passage_tokens": args.passage_tokens,
         "ndcg10_base": float(np.mean(base_ndcg)),
         "ndcg10_reranked": float(np.mean(reranked_ndcg)),
         "gain": gain,

@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from tasks.relevance import (
     JUDGE_CACHE,
     JUDGE_PROMPT,
+    MAX_PASSAGE_CHARS,
     STATEMENT_PROMPT,
     is_statement,
     score_grouped,
@@ -63,16 +64,19 @@ class LocalJudge:
     """
 
     cache_size: int = JUDGE_CACHE
-    max_passage_chars: int = 1000
+    #: cut passages to this many tokens (None: only to MAX_PASSAGE_CHARS characters)
+    max_passage_tokens: int | None = None
     name: str = field(default="local", init=False)
 
     def __post_init__(self) -> None:
-        self._judge_for = style_judges(self.cache_size)
+        self._judge_for = style_judges(self.cache_size, self.max_passage_tokens)
 
     def fingerprint(self) -> str:
-        return hash_parts(
-            "local", "gemma3-270m", JUDGE_PROMPT, STATEMENT_PROMPT, self.max_passage_chars
-        )
+        parts: list[Any] = ["local", "gemma3-270m", JUDGE_PROMPT, STATEMENT_PROMPT]
+        parts.append(MAX_PASSAGE_CHARS)
+        if self.max_passage_tokens:
+            parts.append(self.max_passage_tokens)
+        return hash_parts(*parts)
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
         return self._judge_for(query).score(query, passages)

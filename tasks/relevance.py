@@ -25,6 +25,8 @@ JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passag
 #: Passages whose states a judge of many queries keeps (about 9 MB each in float32 for Gemma
 #: 270M at 250 tokens: 18 layers x keys and values x 256 dims per token).
 JUDGE_CACHE = 128
+#: Characters of a passage the judge reads (about 250 tokens of English).
+MAX_PASSAGE_CHARS = 1000
 #: Padded tokens per forward pass when many queries' pairs are judged together.
 BATCH_TOKENS = 8192
 #: Queries whose candidates are judged together where a caller has many (evaluation, learn).
@@ -49,7 +51,7 @@ class QueryLikelihood:
         tokenizer: Any,
         name: str,
         prompt: str = JUDGE_PROMPT,
-        max_passage_chars: int = 1000,
+        max_passage_chars: int = MAX_PASSAGE_CHARS,
         cache_size: int = 0,
         max_passage_tokens: int | None = None,
     ) -> None:
@@ -193,7 +195,10 @@ def local_judge_name(dtype: str = "auto") -> str:
 
 
 def local_judge(
-    statements: bool = False, dtype: str = "auto", cache_size: int = 0
+    statements: bool = False,
+    dtype: str = "auto",
+    cache_size: int = 0,
+    max_passage_tokens: int | None = None,
 ) -> QueryLikelihood:
     """The bundled Gemma 3 270M as the judge, offline; `cache_size` passages' states kept."""
     from tasks.generators.local import load_gemma, resolve_dtype
@@ -206,10 +211,13 @@ def local_judge(
         name=local_judge_name(dtype),
         prompt=STATEMENT_PROMPT if statements else JUDGE_PROMPT,
         cache_size=cache_size,
+        max_passage_tokens=max_passage_tokens,
     )
 
 
-def style_judges(cache_size: int = 0) -> Callable[[str], QueryLikelihood]:
+def style_judges(
+    cache_size: int = 0, max_passage_tokens: int | None = None
+) -> Callable[[str], QueryLikelihood]:
     """A function giving each query the bundled judge in its style (claim or question), one
     judge per style for all the queries it is asked about, so its passage states are shared."""
     judges: dict[bool, QueryLikelihood] = {}
@@ -217,7 +225,9 @@ def style_judges(cache_size: int = 0) -> Callable[[str], QueryLikelihood]:
     def judge_for(query: str) -> QueryLikelihood:
         style = is_statement(query)
         if style not in judges:
-            judges[style] = local_judge(statements=style, cache_size=cache_size)
+            judges[style] = local_judge(
+                statements=style, cache_size=cache_size, max_passage_tokens=max_passage_tokens
+            )
         return judges[style]
 
     return judge_for

@@ -142,6 +142,34 @@ def test_rerank_adds_the_judged_tuned_model_at_the_chosen_dim(prefect_api, works
     assert all(row["tuned+rerank ndcg@10"] == "-" for d, row in by_dim.items() if d != result.dim)
 
 
+def test_held_out_logged_queries_are_reported_with_the_judges_labels(
+    prefect_api, workspace, tuned_copy
+):
+    _save_generated_set(workspace)
+    _, queries, relevant = load_beir(BEIR_TINY)
+    workspace.learned_dir.mkdir(parents=True)
+    (workspace.learned_dir / "held_out.json").write_text(
+        json.dumps(
+            {
+                "labels": "judge local (abc)",
+                "queries": {f"log{i}": queries[q] for i, q in enumerate(queries)},
+                "relevant": {f"log{i}": sorted(relevant[q]) for i, q in enumerate(queries)}
+                | {"gone": ["a-chunk-re-chunked-away"]},
+            }
+        )
+    )
+
+    state = evaluate(EvaluateParams(workspace=str(workspace.root)), return_state=True)
+
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    rows = artifacts["evaluation-logged-queries"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [row["dim"] for row in rows] == [384, 256, 128, 64]
+    report = artifacts["evaluation-report"].data
+    assert "Held-out logged queries** (relevant chunk chosen by the judge local (abc)" in report
+    assert f"over {len(queries)} queries never trained on" in report
+
+
 def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, tuned_copy):
     result = evaluate(
         EvaluateParams(

@@ -155,6 +155,36 @@ def test_asking_for_reranking_reruns_only_the_evaluation(pipeline_run, small_cor
     assert list(reranked["metrics"]) == [str(judged.dim)]
 
 
+def test_searches_are_learned_from_by_the_next_run_and_judged_once(pipeline_run, small_corpus):
+    from flows.pipeline import pipeline
+    from flows.search import SearchParams, search
+
+    first, workspace = pipeline_run
+    for query in (
+        "What is confabulation?",
+        "How should AI incidents be disclosed?",
+        "Which risks come from harmful bias?",
+        "What does information integrity mean?",
+    ):
+        search.fn(SearchParams(workspace=str(workspace), query=query, k=3))
+    params = tiny_params(workspace, [small_corpus], learn={"top_k": 4, "held_out_share": 0.5})
+
+    learned = pipeline(params)
+    again = pipeline(params)
+
+    assert learned.reused == ["ingest", "questions"], "a new log re-runs learn and what follows"
+    assert again.reused == ["ingest", "questions", "learn", "finetune", "evaluate"]
+    tuned = json.loads((Path(learned.model_path) / "ragtune.json").read_text())
+    held = json.loads((workspace / "learned" / "held_out.json").read_text())["queries"]
+    assert tuned["train_pairs"] == first_pairs(first) + 4 - len(held)
+    report = (Path(learned.report_dir) / "report.md").read_text()
+    assert held and f"over {len(held)} queries never trained on" in report
+
+
+def first_pairs(result) -> int:
+    return json.loads((Path(result.model_path) / "ragtune.json").read_text())["train_pairs"]
+
+
 def test_refresh_with_a_new_document_asks_only_about_its_chunks(
     pipeline_run, small_corpus, tmp_path
 ):

@@ -313,6 +313,26 @@ def test_finetune_flow_trains_on_the_train_split_and_evaluates_on_the_test_split
     assert artifacts["finetune-progress"].data == 100.0
 
 
+def test_finetune_flow_mixes_the_judged_query_log_with_the_questions_by_weight(
+    prefect_api, workspace
+):
+    save_capitals_workspace(workspace)
+    learned = [
+        {"anchor": f"Which city governs country {i}?", "positive": row["positive"]}
+        for i, row in enumerate(capital_rows()[:5])
+    ]
+    save_rows(workspace.learned_dir / "train", learned)
+    quick = {"workspace": str(workspace.root), "batch_size": 8, "max_steps": 1}
+
+    mixed = finetune(FinetuneParams(**quick, log_weight=2))
+    logged_only = finetune(FinetuneParams(**quick, synthetic_weight=0))
+
+    assert mixed.train_pairs == 18 + 2 * 5
+    assert logged_only.train_pairs == 5
+    with pytest.raises(ValueError, match="no training rows"):
+        finetune(FinetuneParams(**quick, synthetic_weight=0, log_weight=0))
+
+
 def test_finetune_flow_mines_hard_negatives_from_every_chunk_of_the_workspace(
     prefect_api, workspace
 ):
