@@ -34,7 +34,7 @@ from tasks.documents import read_document
 from tasks.generators import make_generator
 from tasks.generators.local import DTYPE_ENV, load_gemma, resolve_dtype
 from tasks.models import MINILM, load_model
-from tasks.relevance import local_judge
+from tasks.relevance import JUDGE_CACHE, local_judge
 from tasks.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-llm-speed.md"
@@ -128,6 +128,31 @@ def judge_rows(passages: list[str], dtype: str, repeats: int, limit: float) -> l
     return rows
 
 
+def many_query_rows(passages: list[str], dtype: str) -> list[dict]:
+    """Judging many queries' top 10, as `learn` and re-ranked evaluation do: one query at a
+    time, all pairs in shared batches (`score_many`), and with the passage-state cache where
+    the queries' candidates recur (16 queries drawing their 10 from the same 20 passages)."""
+    plain = local_judge(dtype=dtype)
+    cached = local_judge(dtype=dtype, cache_size=JUDGE_CACHE)
+    queries = QUESTIONS * 2
+    fresh = [(q, passages[i : i + 10]) for i, q in enumerate(queries)]
+    recurring = [(q, passages[(3 * i) % 10 : (3 * i) % 10 + 10]) for i, q in enumerate(queries)]
+    plain.score(*fresh[0])  # warm-up
+    runs = {
+        "one query at a time": lambda: [plain.score(q, c) for q, c in fresh],
+        "16 queries in shared batches": lambda: plain.score_many(fresh),
+        "one at a time, recurring candidates": lambda: [plain.score(q, c) for q, c in recurring],
+        "recurring candidates, state cache": lambda: (
+            cached.states.clear(),
+            [cached.score(q, c) for q, c in recurring],
+        ),
+    }
+    return [
+        {"16 queries x top 10": name, "s / query": f"{median_seconds(run, 1) / len(queries):.2f}"}
+        for name, run in runs.items()
+    ]
+
+
 def generator_row(passages: list[str], dtype: str, limit: float) -> dict:
     generator = make_generator("local", n=3, dtype=dtype, show_progress=False)
     generator.generate(passages[:2])  # warm-up: loads the model
@@ -166,6 +191,8 @@ def main() -> None:
     ][20:60]
     judged = judge_rows(passages, dtype, args.repeats, limits[dtype])
     print(markdown_table(judged))
+    many = many_query_rows(passages, dtype)
+    print(markdown_table(many))
     generated = [] if args.no_generator else [generator_row(passages, dtype, limits[dtype])]
     if generated:
         print(markdown_table(generated))
@@ -181,6 +208,8 @@ def main() -> None:
         + f"\nJudge (median over {len(QUESTIONS)} questions x {args.repeats} runs, 256-token "
         "NIST chunks):\n\n"
         + markdown_table(judged)
+        + "\nMany queries (amortised):\n\n"
+        + markdown_table(many)
         + ("\nGenerator:\n\n" + markdown_table(generated) if generated else "")
     )
     if not RESULTS.exists():

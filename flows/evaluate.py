@@ -257,20 +257,25 @@ def judged_log_set(
 
 def judged_log_note(gain: tuple[float, float, float], dim: int, n_queries: int, labels: str) -> str:
     """One sentence for the report: base against tuned on the queries users really asked."""
-    mean, low, high = gain
     return (
         f"**Held-out logged queries** (relevant chunk chosen by the {labels}, not by people): "
-        f"NDCG@10 of tuned over base at dim {dim} {mean:+.4f} (95% paired bootstrap interval "
-        f"[{low:+.4f}, {high:+.4f}] over {n_queries} queries never trained on)."
+        f"NDCG@10 of tuned over base at dim {dim} {gain_text(gain, n_queries)}, queries never "
+        "trained on."
     )
 
 
 def rerank_note(gain: tuple[float, float, float], top: int, dim: int, n_queries: int) -> str:
     """One sentence for the report: what the judge adds on top of the tuned model."""
-    mean, low, high = gain
     return (
         f"**Re-ranking.** The LLM judge re-ranking the tuned model's top {top} at dim {dim} "
-        f"changes NDCG@10 by {mean:+.4f} (95% paired bootstrap interval [{low:+.4f}, "
-        f"{high:+.4f}] over {n_queries} queries; judge {local_judge_name()}); turn it on at "
-        f"query time with `ragtune search --rerank {top}`."
+        f"changes NDCG@10 by {gain_text(gain, n_queries)} (judge {local_judge_name()}); turn "
+        f"it on at query time with `ragtune search --rerank {top}`."
+    )
+
+
+def gain_text(gain: tuple[float, float, float], n_queries: int) -> str:
+    mean, low, high = gain
+    return (
+        f"{mean:+.4f} (95% paired bootstrap interval [{low:+.4f}, {high:+.4f}] over "
+        f"{n_queries} queries)"
     )

@@ -167,7 +167,7 @@ def test_held_out_logged_queries_are_reported_with_the_judges_labels(
     assert [row["dim"] for row in rows] == [384, 256, 128, 64]
     report = artifacts["evaluation-report"].data
     assert "Held-out logged queries** (relevant chunk chosen by the judge local (abc)" in report
-    assert f"over {len(queries)} queries never trained on" in report
+    assert f"over {len(queries)} queries), queries never trained on" in report
 
 
 def test_a_beir_folder_replaces_the_generated_questions(prefect_api, workspace, tuned_copy):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -229,6 +229,37 @@ def test_a_distillation_recipe_without_the_judges_scores_is_a_clear_error(tmp_pa
 # --- the api judge, against real local servers ------------------------------------------------
 
 
+@contextmanager
+def serving(answer: Callable[[str, dict], tuple[int, dict]]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 whose POSTs `answer(path, body)` returns
+    (status, JSON) for; yields its /v1 root."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, reply = answer(self.path, body)
+            payload = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def gemma_server() -> Iterator[str]:
     """A completions server that runs the bundled Gemma and echoes the prompt's token
@@ -239,55 +270,24 @@ def gemma_server() -> Iterator[str]:
 
     model, tokenizer = load_gemma(dtype="float32")
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def complete(path: str, body: dict) -> tuple[int, dict]:
+        prompt = body["prompt"]
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        following = int(logprobs[-1].argmax())
+        echoed = [None] + [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+        logprobs_field = {
+            "tokens": tokenizer.convert_ids_to_tokens([*ids, following]),
+            "token_logprobs": [*echoed, float(logprobs[-1, following])],
+            "text_offset": [start for start, _ in encoded["offset_mapping"]] + [len(prompt)],
+        }
+        text = prompt + tokenizer.decode([following])
+        return 200, {"choices": [{"text": text, "logprobs": logprobs_field}]}
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            encoded = tokenizer(body["prompt"], return_offsets_mapping=True)
-            ids = encoded["input_ids"]
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            following = int(logprobs[-1].argmax())
-            token_logprobs = [None] + [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
-            answer = {
-                "choices": [
-                    {
-                        "text": body["prompt"] + tokenizer.decode([following]),
-                        "logprobs": {
-                            "tokens": tokenizer.convert_ids_to_tokens([*ids, following]),
-                            "token_logprobs": [*token_logprobs, float(logprobs[-1, following])],
-                            "text_offset": [start for start, _ in encoded["offset_mapping"]]
-                            + [len(body["prompt"])],
-                        },
-                    }
-                ]
-            }
-            payload = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-    with serving(Handler) as url:
+    with serving(complete) as url:
         yield url
-
-
-@contextmanager
-def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_api_judge_reads_query_likelihood_from_echoed_logprobs(gemma_server):
@@ -307,29 +307,15 @@ def grading_server() -> Iterator[tuple[str, list[dict]]]:
     """A chat server that grades by a scripted rule and fails for good on the word FAIL."""
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def grade(path: str, body: dict) -> tuple[int, dict]:
+        seen.append({"path": path, "body": body})
+        message = body["messages"][0]["content"]
+        if "FAIL" in message:
+            return 503, {"error": "down"}
+        grade = "3" if "Peru" in message.split("Passage:")[1] else "0"
+        return 200, {"choices": [{"message": {"content": f"Grade: {grade}"}}]}
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "body": body})
-            message = body["messages"][0]["content"]
-            if "FAIL" in message:
-                status, answer = 503, {"error": "down"}
-            else:
-                grade = "3" if "Peru" in message.split("Passage:")[1] else "0"
-                status, answer = 200, {"choices": [{"message": {"content": f"Grade: {grade}"}}]}
-            payload = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-    with serving(Handler) as url:
+    with serving(grade) as url:
         yield url, seen
 
 

@@ -178,7 +178,7 @@ def test_searches_are_learned_from_by_the_next_run_and_judged_once(pipeline_run,
     held = json.loads((workspace / "learned" / "held_out.json").read_text())["queries"]
     assert tuned["train_pairs"] == first_pairs(first) + 4 - len(held)
     report = (Path(learned.report_dir) / "report.md").read_text()
-    assert held and f"over {len(held)} queries never trained on" in report
+    assert held and f"over {len(held)} queries), queries never trained on" in report
 
 
 def first_pairs(result) -> int:
