@@ -25,15 +25,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from preamble import ROOT, beir_folder, machine
+from preamble import ROOT, beir_folder, machine, stored_vectors
 
 import numpy as np
 
 from tasks.beir import load_beir
-from tasks.evaluation import ModelEval, evaluate_model, paired_bootstrap, ranking_metrics
+from tasks.evaluation import (
+    ModelEval,
+    distinct,
+    evaluate_embeddings,
+    evaluate_model,
+    paired_bootstrap,
+    ranking_metrics,
+)
 from tasks.judgements import Judgements
 from tasks.judges import LocalJudge
-from tasks.learning import JudgedQuery, judge_queries, training_rows
+from tasks.learning import JudgedQuery, judge_queries, nudge, training_rows
 from tasks.models import MINILM, load_model
 from tasks.querylog import is_held_out
 from tasks.relevance import reorder_head
@@ -47,12 +54,6 @@ RECIPE = {
     "negatives": "matryoshka-mnrl",
     "distill": "matryoshka-distill",
 }
-
-
-def evaluate(model_ref: str, name: str, corpus, queries, relevant) -> ModelEval:
-    return evaluate_model(
-        load_model(model_ref), corpus, queries, relevant, [DIM], name=name, keep_hits=True
-    )
 
 
 def reranked_ndcg(
@@ -91,14 +92,54 @@ def gains(base: list[float], tuned: list[float], seen: list[bool]) -> dict[str, 
     return out
 
 
+def nudged_eval(
+    base_vectors: dict[str, np.ndarray],
+    claim_vectors: dict[str, np.ndarray],
+    corpus: dict[str, str],
+    judged: list[JudgedQuery],
+    queries: dict[str, str],
+    relevant: dict[str, set[str]],
+    step: float,
+    target: str,
+) -> ModelEval:
+    """Zero-shot MiniLM with the corpus vectors nudged towards the judged log claims: each
+    claim's `target` chunk (the teacher's first, or the judge's alone) moves `step`."""
+    texts = list(base_vectors)
+    row = {text: i for i, text in enumerate(texts)}
+    answers = [
+        q.chunk_ids[q.teacher_order()[0] if target == "teacher" else int(np.argmax(q.judge_scores))]
+        for q in judged
+    ]
+    moved = nudge(
+        np.stack([base_vectors[t] for t in texts]),
+        np.stack([claim_vectors[q.query] for q in judged]),
+        [row[corpus[cid]] for cid in answers],
+        step,
+    )
+    return evaluate_embeddings(
+        claim_vectors,
+        dict(zip(texts, moved, strict=True)),
+        corpus,
+        queries,
+        relevant,
+        [DIM],
+        name=f"nudge-{target}-{step}",
+        keep_hits=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--beir", type=Path, help="BEIR folder (default: $RAGTUNE_BEIR).")
     parser.add_argument("--top", type=int, default=10, help="Candidates judged per log claim.")
-    parser.add_argument("--forms", default="positives,distill", help="Label forms to train.")
+    parser.add_argument("--forms", default="", help="Label forms to train, comma-separated.")
+    parser.add_argument(
+        "--nudge", default="", help="NUDGE steps to try on the stored vectors, e.g. 0.1,0.2."
+    )
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--rerank", type=int, default=10, help="Also re-rank the top N (0: no).")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
@@ -113,17 +154,25 @@ def main() -> None:
 
     # Zero-shot retrieval of every claim once: candidates for the log half, the baseline for
     # the evaluation half. Labels are read for the evaluation half's metrics only.
-    base = evaluate(MINILM, "zero-shot", corpus, claims, relevant)
+    model = load_model(MINILM)
+    texts = distinct(corpus.values())
+    base_vectors = dict(zip(texts, stored_vectors(model, MINILM, texts, OUT), strict=True))
+    claim_texts = distinct(claims.values())
+    claim_vectors = dict(
+        zip(claim_texts, model.encode(claim_texts, normalize_embeddings=True), strict=True)
+    )
+    base = evaluate_embeddings(
+        claim_vectors, base_vectors, corpus, claims, relevant, [DIM], keep_hits=True
+    )
     base_ndcg = [base.ndcg_per_query[DIM][q] for q in eval_ids]
     judge = LocalJudge()
-    log_cache = Judgements(OUT / "judgements-log.sqlite")
     started = time.perf_counter()
     run = judge_queries(
         [claims[q] for q in log_ids],
         [base.hits[DIM][q][: args.top] for q in log_ids],
         corpus,
         judge,
-        log_cache,
+        Judgements(OUT / "judgements-log.sqlite"),
         held_out_share=0.0,
     )
     judge_wall = time.perf_counter() - started
@@ -131,16 +180,18 @@ def main() -> None:
     seen_docs = {cid for q in judged for cid in q.chunk_ids}
     seen = [bool(relevant[q] & seen_docs) for q in eval_ids]
     print(
-        f"judged {run.new} new log claims in {run.judge_s:.0f} s "
-        f"({run.seconds_per_new_query:.2f} s each); {sum(seen)}/{len(seen)} evaluation claims "
-        f"have a relevant abstract among the log's candidates"
+        f"judged {run.new} new log claims in {run.judge_s:.0f} s; {sum(seen)}/{len(seen)} "
+        "evaluation claims have a relevant abstract among the log's candidates"
     )
 
     eval_cache = Judgements(OUT / "judgements-eval.sqlite")
-    if args.rerank:
-        base_rr, _, _ = reranked_ndcg(
-            base.hits[DIM], eval_queries, relevant, corpus, judge, eval_cache, args.rerank
+
+    def rerank(evaluation: ModelEval) -> tuple[list[float], float]:
+        ndcg, seconds, _ = reranked_ndcg(
+            evaluation.hits[DIM], eval_queries, relevant, corpus, judge, eval_cache, args.rerank
         )
+        return ndcg, seconds
+
     common = {
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/learn.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
@@ -150,16 +201,42 @@ def main() -> None:
         "top": args.top,
         "judge": judge.fingerprint(),
         "judge_new_claims": run.new,
-        "judge_s_per_claim": run.seconds_per_new_query,
         "judge_wall_s": judge_wall,
         "top1_changed": run.top_changed(),
         "ndcg10_zero_shot": 100 * float(np.mean(base_ndcg)),
     }
     if args.rerank:
+        base_rr, _ = rerank(base)
         common["ndcg10_zero_shot_rerank"] = 100 * float(np.mean(base_rr))
         common["rerank_over_zero_shot"] = gains(base_ndcg, base_rr, seen)
 
-    for form in args.forms.split(","):
+    def record(variant: dict[str, Any], tuned: ModelEval) -> None:
+        tuned_ndcg = [tuned.ndcg_per_query[DIM][q] for q in eval_ids]
+        result = {
+            **common,
+            **variant,
+            "ndcg10_tuned": 100 * float(np.mean(tuned_ndcg)),
+            "tuned_over_zero_shot": gains(base_ndcg, tuned_ndcg, seen),
+        }
+        if args.rerank:
+            tuned_rr, seconds = rerank(tuned)
+            result["ndcg10_tuned_rerank"] = 100 * float(np.mean(tuned_rr))
+            result["tuned_rerank_over_zero_shot_rerank"] = gains(base_rr, tuned_rr, seen)
+            result["rerank_judge_s"] = seconds
+        result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        with (OUT / "runs.jsonl").open("a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
+        all_ = result["tuned_over_zero_shot"]["all"]
+        print(f"{variant}: {all_['gain']:+.2f} {all_['interval']}")
+
+    for step in [float(x) for x in args.nudge.split(",") if x]:
+        for target in ("teacher", "judge"):
+            tuned = nudged_eval(
+                base_vectors, claim_vectors, corpus, judged, eval_queries, relevant, step, target
+            )
+            record({"form": f"nudge ({target}'s choice)", "step": step}, tuned)
+
+    for form in [f for f in args.forms.split(",") if f]:
         rows = training_rows(judged, corpus, form)
         with tempfile.TemporaryDirectory(dir=OUT) as folder:
             started = time.perf_counter()
@@ -171,37 +248,25 @@ def main() -> None:
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 learning_rate=args.lr,
-                max_seq_length=256,
+                max_seq_length=args.max_seq_length,
                 seed=args.seed,
                 resume=False,
             )
-            train_s = time.perf_counter() - started
-            tuned = evaluate(folder, form, corpus, eval_queries, relevant)
-            tuned_ndcg = [tuned.ndcg_per_query[DIM][q] for q in eval_ids]
-            record = {
-                **common,
+            variant = {
                 "form": form,
                 "recipe": RECIPE[form],
                 "rows": len(rows),
                 "lr": args.lr,
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
-                "train_s": train_s,
+                "max_seq_length": args.max_seq_length,
+                "train_s": time.perf_counter() - started,
                 "steps": trained.steps,
-                "ndcg10_tuned": 100 * float(np.mean(tuned_ndcg)),
-                "tuned_over_zero_shot": gains(base_ndcg, tuned_ndcg, seen),
             }
-            if args.rerank:
-                tuned_rr, rr_s, _ = reranked_ndcg(
-                    tuned.hits[DIM], eval_queries, relevant, corpus, judge, eval_cache, args.rerank
-                )
-                record["ndcg10_tuned_rerank"] = 100 * float(np.mean(tuned_rr))
-                record["tuned_rerank_over_zero_shot_rerank"] = gains(base_rr, tuned_rr, seen)
-                record["rerank_judge_s"] = rr_s
-        record["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with (OUT / "runs.jsonl").open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
-        print(json.dumps(record, indent=2))
+            tuned = evaluate_model(
+                load_model(folder), corpus, eval_queries, relevant, [DIM], name=form, keep_hits=True
+            )
+            record(variant, tuned)
 
 
 if __name__ == "__main__":

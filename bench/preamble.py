@@ -38,3 +38,20 @@ def beir_folder(given: Path | None) -> Path:
             f"{BEIR_ENV} (got {folder})"
         )
     return folder
+
+
+def stored_vectors(model, model_ref: str, texts: list[str], folder: Path):
+    """`model`'s unit vectors of `texts` (as documents), computed once and kept in `folder`:
+    a benchmark re-run on the same corpus skips minutes of encoding."""
+    import numpy as np
+
+    from tasks.workspace import fingerprint
+
+    stored = folder / f"corpus-{fingerprint(model_ref, texts)}.npy"
+    if not stored.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        vectors = model.encode_document(
+            texts, batch_size=64, normalize_embeddings=True, show_progress_bar=True
+        )
+        np.save(stored, vectors)
+    return np.load(stored)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from preamble import ROOT, beir_folder, machine
+from preamble import ROOT, beir_folder, machine, stored_vectors
 
 import numpy as np
 from tqdm import tqdm
@@ -34,7 +34,6 @@ from tasks.relevance import (
     score_grouped,
     style_judges,
 )
-from tasks.workspace import fingerprint
 
 OUT = ROOT / "bench" / "out" / "rerank"
 
@@ -67,13 +66,7 @@ def main() -> None:
     doc_ids = list(split.corpus)
     model = load_model(MINILM)
     encode = {"batch_size": 64, "normalize_embeddings": True}
-    # The corpus's vectors depend only on the model and the texts: encoded once, kept on disk.
-    texts = [split.corpus[d] for d in doc_ids]
-    stored = OUT / f"corpus-{fingerprint(MINILM, texts)}.npy"
-    if not stored.exists():
-        OUT.mkdir(parents=True, exist_ok=True)
-        np.save(stored, model.encode(texts, show_progress_bar=True, **encode))
-    corpus = np.load(stored)
+    corpus = stored_vectors(model, MINILM, [split.corpus[d] for d in doc_ids], OUT)
     queries = model.encode([split.queries[q] for q in query_ids], **encode)
     scores = queries @ corpus.T
 

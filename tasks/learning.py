@@ -12,6 +12,9 @@ is what measurably beats the retriever alone. Training rows come in three forms:
 - `distill`: (query, all K chunks in teacher order) with the teacher's scores as soft labels,
   for DistillKLDivLoss: the student learns the judge's whole ordering, not just its favourite.
 
+`nudge` is the lever that needs no training: it moves the stored vectors of the chunks the
+teacher chose towards the queries that chose them.
+
 A seeded share of the log is held out by query and never becomes a training row: it is where
 the report measures the tuned model, against the judge's labels.
 """
@@ -249,3 +252,25 @@ def judged_eval_set(
         queries[qid] = q.query
         relevant[qid] = {q.chunk_ids[int(np.argmax(q.judge_scores))]}
     return queries, relevant
+
+
+def nudge(
+    documents: np.ndarray, queries: np.ndarray, answers: Sequence[int], step: float
+) -> np.ndarray:
+    """Document vectors moved towards the queries they answer, the model untouched (NUDGE-N,
+    Zeighami et al., 2024): each answering document moves `step` along the unit sum of its
+    queries' vectors and back onto the unit sphere; the rest stay where they were. It fits a
+    vector store as it is, and helps exactly where queries recur: on documents that were
+    asked about before."""
+    if not step >= 0:
+        raise ValueError(f"the nudge step must be 0 or more, got {step}")
+    if len(queries) != len(answers):
+        raise ValueError(f"{len(queries)} query vectors but {len(answers)} answers")
+    pull = np.zeros_like(documents)
+    np.add.at(pull, np.asarray(answers, dtype=np.int64), queries)
+    length = np.linalg.norm(pull, axis=1)
+    moved = length > 0
+    out = documents.copy()
+    out[moved] += step * pull[moved] / length[moved, None]
+    out[moved] /= np.linalg.norm(out[moved], axis=1, keepdims=True)
+    return out

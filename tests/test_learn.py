@@ -19,7 +19,7 @@ from flows.publish import PublishParams, publish
 from flows.search import SearchParams, search
 from tasks.judgements import Judgements
 from tasks.judges import ApiJudge, CrossEncoderJudge, LocalJudge, make_judge
-from tasks.learning import JudgedQuery, judge_queries, training_rows
+from tasks.learning import JudgedQuery, judge_queries, nudge, training_rows
 from tasks.querylog import LOG_NAME, is_held_out, read_queries, unique_queries
 from tasks.training import train
 from tasks.workspace import load_rows, rows_to_dataset
@@ -224,6 +224,21 @@ def test_a_distillation_recipe_without_the_judges_scores_is_a_clear_error(tmp_pa
 
     with pytest.raises(ValueError, match="needs rows with a label column"):
         train("all-MiniLM-L6-v2", rows_to_dataset(rows), tmp_path, "matryoshka-distill")
+
+
+def test_nudging_moves_only_the_chosen_documents_towards_their_queries(minilm):
+    documents = minilm.encode(PASSAGES, normalize_embeddings=True)
+    asked = ["Which city is Peru's capital?", "Where does Peru's government sit?"]
+    queries = minilm.encode(asked, normalize_embeddings=True)
+
+    moved = nudge(documents, queries, [1, 1], step=0.3)
+
+    assert np.allclose(moved[[0, 2]], documents[[0, 2]]), "unchosen documents stay"
+    assert np.allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-6)
+    assert (queries @ moved[1] > queries @ documents[1] + 0.05).all()
+    assert np.allclose(nudge(documents, queries, [1, 1], step=0.0), documents)
+    with pytest.raises(ValueError, match="2 query vectors but 1 answers"):
+        nudge(documents, queries, [1], step=0.1)
 
 
 # --- the api judge, against real local servers ------------------------------------------------
