@@ -40,7 +40,7 @@ from tasks.evaluation import (
 )
 from tasks.judgements import Judgements
 from tasks.judges import LocalJudge
-from tasks.learning import JudgedQuery, judge_queries, nudge, training_rows
+from tasks.learning import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
 from tasks.models import MINILM, load_model
 from tasks.querylog import is_held_out
 from tasks.relevance import reorder_head
@@ -229,12 +229,28 @@ def main() -> None:
         all_ = result["tuned_over_zero_shot"]["all"]
         print(f"{variant}: {all_['gain']:+.2f} {all_['interval']}")
 
-    for step in [float(x) for x in args.nudge.split(",") if x]:
-        for target in ("teacher", "judge"):
+    for given in [x for x in args.nudge.split(",") if x]:
+        variant: dict[str, Any] = {}
+        if given == "auto":
+            # The step as `learn` would choose it: from the log alone, no human label read.
+            texts = list(base_vectors)
+            text_row = {text: i for i, text in enumerate(texts)}
+            step, by_step = choose_nudge_step(
+                np.stack([base_vectors[t] for t in texts]),
+                {cid: text_row[text] for cid, text in corpus.items()},
+                judged,
+                np.stack([claim_vectors[q.query] for q in judged]),
+                seed=args.seed,
+            )
+            variant["log_mrr10_by_step"] = by_step
+        else:
+            step = float(given)
+        for target in ("teacher", "judge") if given != "auto" else ("judge",):
             tuned = nudged_eval(
                 base_vectors, claim_vectors, corpus, judged, eval_queries, relevant, step, target
             )
-            record({"form": f"nudge ({target}'s choice)", "step": step}, tuned)
+            form = f"nudge ({target}'s choice{', step from the log' if given == 'auto' else ''})"
+            record({**variant, "form": form, "step": step}, tuned)
 
     for form in [f for f in args.forms.split(",") if f]:
         rows = training_rows(judged, corpus, form)
