@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -22,7 +23,16 @@ from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
 from tasks.judgements import Judgements
 from tasks.judges import JUDGES, make_judge
-from tasks.learning import LabelForm, judge_queries, judged_eval_set, retrieve, training_rows
+from tasks.learning import (
+    JudgedQuery,
+    LabelForm,
+    Retrieval,
+    choose_nudge_step,
+    embed_for_retrieval,
+    judge_queries,
+    judged_eval_set,
+    training_rows,
+)
 from tasks.models import MINILM, load_model
 from tasks.querylog import LOG_NAME, read_queries, unique_queries
 from tasks.report import markdown_table
@@ -70,6 +80,7 @@ class LearnResult(BaseModel):
     train_rows: int
     judge_s_per_query: float
     top1_changed: float = Field(description="Share of queries whose first result the judge moved.")
+    nudge_step: float = Field(0.0, description="The step `publish --nudge` applies (0: none).")
     rows_path: str | None = None
 
 
@@ -105,7 +116,8 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
         )
     texts = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
     print(f"{len(queries)} distinct logged queries; retrieving the top {params.top_k} of each")
-    candidates = retrieve(load_model(params.base_model), texts, queries, params.top_k)
+    retrieval = embed_for_retrieval(load_model(params.base_model), texts, queries)
+    candidates = retrieval.top(params.top_k)
     judge = make_judge(params.judge, **params.judge_settings)
     cache = Judgements(ws.judgement_cache)
     try:
@@ -131,6 +143,7 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
         # Rows of an earlier log must not stand in for this one's.
         shutil.rmtree(ws.learned_dir / "train", ignore_errors=True)
     held_queries, held_relevant = judged_eval_set(run.judged)
+    step = write_nudge(ws, retrieval, queries, trainable, params.seed)
     (ws.learned_dir / "held_out.json").write_text(
         json.dumps(
             {
@@ -149,6 +162,7 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
         train_rows=len(rows),
         judge_s_per_query=round(run.seconds_per_new_query, 3),
         top1_changed=round(run.top_changed(), 3),
+        nudge_step=step,
         rows_path=rows_path,
     )
     print(
@@ -166,6 +180,28 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
     return result
 
 
+def write_nudge(
+    ws: Workspace, retrieval: Retrieval, queries: list[str], trainable: list[JudgedQuery], seed: int
+) -> float:
+    """Write `learned/nudge.json`: each trainable query with the chunk the judge chose, and
+    the nudge step chosen on them (what `publish --nudge` applies); returns the step."""
+    index = {query: i for i, query in enumerate(queries)}
+    step, by_step = (0.0, {})
+    if trainable:
+        step, by_step = choose_nudge_step(
+            retrieval.documents,
+            retrieval.row,
+            trainable,
+            retrieval.queries[[index[q.query] for q in trainable]],
+            seed=seed,
+        )
+    choices = [[q.query, q.chunk_ids[int(np.argmax(q.judge_scores))]] for q in trainable]
+    (ws.learned_dir / "nudge.json").write_text(
+        json.dumps({"step": step, "mrr10_by_step": by_step, "choices": choices})
+    )
+    return step
+
+
 def learn_report(result: LearnResult, judge: str, form: str) -> str:
     """Markdown of the run's counts and timings; never a query's text."""
     rows = [
@@ -177,5 +213,6 @@ def learn_report(result: LearnResult, judge: str, form: str) -> str:
         {"": f"training rows ({form})", "value": result.train_rows},
         {"": "judge seconds per new query", "value": result.judge_s_per_query},
         {"": "share where the judge changed the top 1", "value": result.top1_changed},
+        {"": "nudge step for `publish --nudge`", "value": result.nudge_step},
     ]
     return f"# Learning from the query log (judge: {judge})\n\n{markdown_table(rows)}"

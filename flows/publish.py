@@ -11,6 +11,7 @@ With `task_runner="dask"` the chunks that need embedding are encoded in shards o
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,11 @@ from tasks import store
 from tasks.locks import Holder
 from tasks.models import cached_model, load_model, model_prompts
 from tasks.report import markdown_table
-from tasks.workspace import Workspace, load_rows
+from tasks.workspace import Workspace, fingerprint, load_rows
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
+    from sentence_transformers import SentenceTransformer
 
 
 class PublishSettings(Params):
@@ -46,6 +48,15 @@ class PublishSettings(Params):
         3600,
         gt=0,
         description="Seconds to wait for another publisher of the same store before failing.",
+    )
+    nudge: bool = Field(
+        False,
+        description="Move the vectors of the chunks the judge chose for logged queries towards "
+        "those queries (NUDGE, with the step `ragtune learn` chose), so queries like them find "
+        "those chunks; needs `ragtune learn` first.",
+    )
+    nudge_step: float | None = Field(
+        None, ge=0, description="With nudge: how far to move them; blank: the step learn chose."
     )
 
 
@@ -103,6 +114,45 @@ def embed_on(
     return run
 
 
+def nudged(
+    ws: Workspace,
+    model: SentenceTransformer,
+    model_ref: str,
+    prompts: tuple[str, str],
+    dim: int,
+    embed_texts: store.EmbedTexts | None,
+    settings: PublishSettings,
+) -> tuple[store.EmbedTexts, str]:
+    """An embedder that nudges the chunks `learn` recorded choices for (`learned/nudge.json`)
+    towards their queries, and the identity of the weights plus the nudge: a nudged version
+    is its own collection, never copied into a plain one or from one."""
+    from tasks.learning import nudge
+
+    path = ws.learned_dir / "nudge.json"
+    if not path.exists():
+        raise FileNotFoundError(f"nudge=true needs {path}: run `ragtune learn` first")
+    record = json.loads(path.read_text())
+    if settings.nudge_step is not None:
+        record["step"] = settings.nudge_step
+    query_prompt, document_prompt = prompts
+    chunks = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
+    choices = [(query, chunks[cid]) for query, cid in record["choices"] if cid in chunks]
+    vectors = store.embed(model, [query for query, _ in choices], query_prompt, dim)
+    step = float(record["step"])
+    print(f"nudging the chunks of {len(choices)} judged queries, step {step:g}")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        made = (embed_texts or (lambda t: store.embed(model, t, document_prompt, dim)))(texts)
+        row = {text: i for i, text in enumerate(texts)}
+        mine = [i for i, (_, text) in enumerate(choices) if text in row]
+        if not mine or step == 0:
+            return made
+        return nudge(made, vectors[mine], [row[choices[i][1]] for i in mine], step)
+
+    identity = fingerprint(store.model_identity(store.portable_ref(model_ref)), record)
+    return embed, identity
+
+
 @flow(name="publish", log_prints=True)
 def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # noqa: B008
     """Publish the workspace's chunks as a complete new version and swap the alias to it."""
@@ -118,6 +168,16 @@ def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # 
 
     runner = params.dask_runner()
     with contextlib.ExitStack() as stack:
+        embed_texts = (
+            embed_on(started_on_first_use(stack, runner), model_ref, document_prompt, dim)
+            if runner
+            else None
+        )
+        model_id = None
+        if params.nudge:
+            embed_texts, model_id = nudged(
+                ws, model, model_ref, (query_prompt, document_prompt), dim, embed_texts, params
+            )
         done = store.publish(
             client,
             chunks,
@@ -131,11 +191,8 @@ def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # 
             metrics=params.metrics,
             keep_versions=params.keep_versions,
             progress=progress_artifact("publish", f"Embedding and storing {len(chunks)} chunks"),
-            embed_texts=embed_on(
-                started_on_first_use(stack, runner), model_ref, document_prompt, dim
-            )
-            if runner
-            else None,
+            embed_texts=embed_texts,
+            model_id=model_id,
             lock_timeout=params.lock_timeout_s,
             on_wait=report_waiting,
         )

@@ -81,12 +81,32 @@ class JudgeRun:
         return sum(q.teacher_order(weight)[0] != 0 for q in self.judged) / len(self.judged)
 
 
-def retrieve(
-    model: Any, corpus: Mapping[str, str], queries: Sequence[str], k: int, batch_size: int = 64
-) -> list[list[tuple[str, float]]]:
-    """The top `k` (chunk id, cosine) of each query by `model`, with its own prompts. Equal
-    texts are encoded once so their copies tie, and ties go to the smaller id, as in
-    evaluation."""
+@dataclass
+class Retrieval:
+    """A model's unit vectors of a corpus (each distinct text once) and of some queries."""
+
+    ids: list[str]
+    #: row of `documents` for each chunk id (copies of a text share one row)
+    row: dict[str, int]
+    documents: np.ndarray
+    queries: np.ndarray
+
+    def top(self, k: int) -> list[list[tuple[str, float]]]:
+        """The top `k` (chunk id, cosine) of each query; ties go to the smaller id."""
+        scores = (self.queries @ self.documents.T)[:, [self.row[cid] for cid in self.ids]]
+        # Stable sort of ids already in ascending order: equal scores keep the smaller id first.
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, len(self.ids))]
+        return [
+            [(self.ids[i], float(line[i])) for i in top]
+            for line, top in zip(scores, order, strict=True)
+        ]
+
+
+def embed_for_retrieval(
+    model: Any, corpus: Mapping[str, str], queries: Sequence[str], batch_size: int = 64
+) -> Retrieval:
+    """`corpus` and `queries` encoded by `model` with its own prompts. Equal texts are encoded
+    once so their copies tie, as in evaluation."""
     from tasks.evaluation import distinct
     from tasks.models import model_prompts
 
@@ -95,13 +115,12 @@ def retrieve(
     texts = distinct(corpus[cid] for cid in ids)
     column = {text: i for i, text in enumerate(texts)}
     options = {"batch_size": batch_size, "normalize_embeddings": True, "convert_to_numpy": True}
-    documents = model.encode_document(texts, prompt=document_prompt or None, **options)
-    asked = model.encode_query(list(queries), prompt=query_prompt or None, **options)
-    scores = (asked @ documents.T)[:, [column[corpus[cid]] for cid in ids]]
-    k = min(k, len(ids))
-    # Stable sort of ids already in ascending order: equal scores keep the smaller id first.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [[(ids[i], float(row[i])) for i in top] for row, top in zip(scores, order, strict=True)]
+    return Retrieval(
+        ids=ids,
+        row={cid: column[corpus[cid]] for cid in ids},
+        documents=model.encode_document(texts, prompt=document_prompt or None, **options),
+        queries=model.encode_query(list(queries), prompt=query_prompt or None, **options),
+    )
 
 
 def judge_queries(

@@ -151,9 +151,7 @@ def test_learn_judges_the_log_once_and_writes_rows_without_the_held_out_share(
     prefect_api, ready_workspace
 ):
     ws, rows = ready_workspace
-    ws.querylog_dir.mkdir(parents=True)
-    lines = [json.dumps({"query": q}) for q in [*NIST_QUESTIONS, NIST_QUESTIONS[0].upper()]]
-    (ws.querylog_dir / LOG_NAME).write_text("\n".join(lines) + "\n")
+    write_log(ws, [*NIST_QUESTIONS, NIST_QUESTIONS[0].upper()])
     params = LearnParams(workspace=str(ws.root), top_k=4, held_out_share=0.4)
     held = {q for q in NIST_QUESTIONS if is_held_out(q, 0.4)}
     assert 0 < len(held) < len(NIST_QUESTIONS), "the fixture needs both sides"
@@ -171,6 +169,42 @@ def test_learn_judges_the_log_once_and_writes_rows_without_the_held_out_share(
     assert set(evaluation["queries"].values()) == held
     assert all(set(chunks) <= ids for chunks in evaluation["relevant"].values())
     assert first.held_out == len(held) and first.train_rows == len(NIST_QUESTIONS) - len(held)
+
+
+def write_log(ws, queries: list[str]) -> None:
+    ws.querylog_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"query": q}) for q in queries]
+    (ws.querylog_dir / LOG_NAME).write_text("\n".join(lines) + "\n")
+
+
+def test_a_nudged_publish_moves_the_judges_choices_towards_their_queries(
+    prefect_api, ready_workspace, minilm
+):
+    from tasks import store
+
+    ws, rows = ready_workspace
+    write_log(ws, NIST_QUESTIONS)
+    learned = learn(LearnParams(workspace=str(ws.root), top_k=4, held_out_share=0.0))
+    choices = json.loads((ws.learned_dir / "nudge.json").read_text())["choices"]
+    chosen = {cid for _, cid in choices}
+
+    plain = publish(PublishParams(workspace=str(ws.root)))
+    nudged = publish(PublishParams(workspace=str(ws.root), nudge=True, nudge_step=0.5))
+
+    assert learned.train_rows == len(choices) == len(NIST_QUESTIONS)
+    assert nudged.collection != plain.collection and nudged.embedded == len(rows)
+    client = store.connect(ws.chroma_dir)
+
+    def vectors(name: str) -> dict[str, np.ndarray]:
+        got = client.get_collection(name).get(include=["embeddings"])
+        return dict(zip(got["ids"], np.asarray(got["embeddings"]), strict=True))
+
+    before, after = vectors(plain.collection), vectors(nudged.collection)
+    for cid in set(before) - chosen:
+        assert np.allclose(before[cid], after[cid], atol=1e-6), "unchosen chunks stay"
+    asked = minilm.encode([f"query: {q}" for q, _ in choices], normalize_embeddings=True)
+    for vector, (_, cid) in zip(asked, choices, strict=True):
+        assert vector @ after[cid] > vector @ before[cid] + 0.05
 
 
 def test_training_rows_refuse_the_held_out_share():
