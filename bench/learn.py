@@ -156,7 +156,7 @@ def main() -> None:
     # the evaluation half. Labels are read for the evaluation half's metrics only.
     model = load_model(MINILM)
     texts = distinct(corpus.values())
-    base_vectors = dict(zip(texts, stored_vectors(model, MINILM, texts, OUT), strict=True))
+    base_vectors = dict(zip(texts, stored_vectors(model, MINILM, texts), strict=True))
     claim_texts = distinct(claims.values())
     claim_vectors = dict(
         zip(claim_texts, model.encode(claim_texts, normalize_embeddings=True), strict=True)

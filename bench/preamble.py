@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NIST_PDF = ROOT / "data" / "sources" / "NIST.AI.600-1.pdf"
+#: Where benchmarks keep corpus vectors they share (`stored_vectors`).
+VECTORS = ROOT / "bench" / "out" / "vectors"
 #: Where a labelled BEIR set (SciFact dev, or your own) is read from when --beir is not given.
 BEIR_ENV = "RAGTUNE_BEIR"
 
@@ -40,9 +42,10 @@ def beir_folder(given: Path | None) -> Path:
     return folder
 
 
-def stored_vectors(model, model_ref: str, texts: list[str], folder: Path):
+def stored_vectors(model, model_ref: str, texts: list[str], folder: Path = VECTORS):
     """`model`'s unit vectors of `texts` (as documents), computed once and kept in `folder`:
-    a benchmark re-run on the same corpus skips minutes of encoding."""
+    a benchmark re-run on the same corpus, or another benchmark on it, skips minutes of
+    encoding."""
     import numpy as np
 
     from tasks.workspace import fingerprint

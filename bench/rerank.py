@@ -66,7 +66,7 @@ def main() -> None:
     doc_ids = list(split.corpus)
     model = load_model(MINILM)
     encode = {"batch_size": 64, "normalize_embeddings": True}
-    corpus = stored_vectors(model, MINILM, [split.corpus[d] for d in doc_ids], OUT)
+    corpus = stored_vectors(model, MINILM, [split.corpus[d] for d in doc_ids])
     queries = model.encode([split.queries[q] for q in query_ids], **encode)
     scores = queries @ corpus.T
 

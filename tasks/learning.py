@@ -322,9 +322,10 @@ def choose_nudge_step(
         moved = nudge(
             documents, query_vectors[fit], [a for a, f in zip(answers, fit, strict=True) if f], step
         )
-        ranks = np.argsort(-(query_vectors[check] @ moved.T), axis=1)[:, :10]
+        top = min(10, len(documents))
+        ranks = np.argsort(-(query_vectors[check] @ moved.T), axis=1)[:, :top]
         wanted = np.array([a for a, c in zip(answers, check, strict=True) if c])
         hit = ranks == wanted[:, None]
-        scores[step] = float((hit / np.arange(1, 11)).sum(axis=1).mean())
+        scores[step] = float((hit / np.arange(1, top + 1)).sum(axis=1).mean())
     best = max(scores, key=lambda step: (scores[step], -step))
     return best, scores

@@ -22,8 +22,8 @@ from tasks.questions import is_question
 
 #: The judge reads the passage and scores the question as its continuation.
 JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
-#: Passages whose states a judge of many queries keeps (about 9 MB each in float32 for Gemma
-#: 270M at 250 tokens: 18 layers x keys and values x 256 dims per token).
+#: Passages whose states a judge keeps when asked to (`cache_size`; about 9 MB each in float32
+#: for Gemma 270M at 250 tokens: 18 layers x keys and values x 256 dims per token).
 JUDGE_CACHE = 128
 #: Characters of a passage the judge reads (about 250 tokens of English).
 MAX_PASSAGE_CHARS = 1000
@@ -316,13 +316,12 @@ def rerank_evaluation(
     `ragtune search --rerank` would return for the same queries, scored the same way.
 
     `evaluation` must have kept its hits (`evaluate_model(..., keep_hits=True)`); the judge
-    for each query is the bundled Gemma in the query's style unless `judge_for` gives one. The
-    bundled judges keep the states of the last JUDGE_CACHE passages: queries about the same
-    popular chunks then pay for each of them once.
+    for each query is the bundled Gemma in the query's style unless `judge_for` gives one.
+    QUERY_GROUP queries' candidates are judged together, in batches of similar length.
     """
     from tqdm.auto import tqdm
 
-    judge_for = judge_for or style_judges(JUDGE_CACHE)
+    judge_for = judge_for or style_judges()
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     hits = evaluation.hits.get(dim)

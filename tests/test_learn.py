@@ -19,7 +19,7 @@ from flows.publish import PublishParams, publish
 from flows.search import SearchParams, search
 from tasks.judgements import Judgements
 from tasks.judges import ApiJudge, CrossEncoderJudge, LocalJudge, make_judge
-from tasks.learning import JudgedQuery, judge_queries, nudge, training_rows
+from tasks.learning import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
 from tasks.querylog import LOG_NAME, is_held_out, read_queries, unique_queries
 from tasks.training import train
 from tasks.workspace import load_rows, rows_to_dataset
@@ -273,6 +273,21 @@ def test_nudging_moves_only_the_chosen_documents_towards_their_queries(minilm):
     assert np.allclose(nudge(documents, queries, [1, 1], step=0.0), documents)
     with pytest.raises(ValueError, match="2 query vectors but 1 answers"):
         nudge(documents, queries, [1], step=0.1)
+
+
+def test_the_nudge_step_is_chosen_on_a_held_aside_share_of_the_judged_log(minilm):
+    # Users ask vaguely about capitals; the judge says they mean Lima, the retriever is unsure.
+    openings = ("which", "what", "name the", "tell me the")
+    asked = [f"{opening} capital city {n}" for opening in openings for n in range(8)]
+    documents = minilm.encode(PASSAGES, normalize_embeddings=True)
+    vectors = minilm.encode(asked, normalize_embeddings=True)
+    judged = [JudgedQuery(q, ["p0", "p1", "p2"], [0.0] * 3, [-3, -1, -4], False) for q in asked]
+    row = {"p0": 0, "p1": 1, "p2": 2}
+
+    step, by_step = choose_nudge_step(documents, row, judged, vectors)
+
+    assert step > 0 and by_step[step] > by_step[0.0], by_step
+    assert choose_nudge_step(documents, row, judged[:1], vectors[:1]) == (0.0, {})
 
 
 # --- the api judge, against real local servers ------------------------------------------------
