@@ -39,9 +39,6 @@ NIST_QUESTIONS = [
 
 
 def test_search_appends_to_the_log_and_keeps_the_query_out_of_prefect(prefect_api, ready_workspace):
-    from prefect.client.orchestration import get_client
-    from prefect.logging.handlers import APILogWorker
-
     ws, _ = ready_workspace
     publish(PublishParams(workspace=str(ws.root)))
     secret = "zebra-quartz what does the profile say about confabulation"
@@ -52,12 +49,9 @@ def test_search_appends_to_the_log_and_keeps_the_query_out_of_prefect(prefect_ap
     assert [entry["query"] for entry in logged] == [secret]
     assert [h["id"] for h in logged[0]["hits"]] == [hit["id"] for hit in hits]
     assert logged[0]["alias"] == "docs" and logged[0]["collection"].startswith("docs__m-")
-    APILogWorker.drain_all(timeout=30)
-    with get_client(sync_client=True) as client:
-        messages = [log.message for log in client.read_logs()]
-        artifacts = [str(a.data) for a in client.read_artifacts()]
-    assert any(hits[0]["text"][:40] in m for m in messages), "the search's own lines are logged"
-    assert not [m for m in messages + artifacts if "zebra-quartz" in m]
+    sent = prefect_texts()
+    assert any(hits[0]["text"][:40] in m for m in sent), "the search's own lines are logged"
+    assert not [m for m in sent if "zebra-quartz" in m]
 
 
 def test_with_logging_off_a_search_writes_nothing(ready_workspace):
@@ -169,6 +163,18 @@ def test_learn_judges_the_log_once_and_writes_rows_without_the_held_out_share(
     assert set(evaluation["queries"].values()) == held
     assert all(set(chunks) <= ids for chunks in evaluation["relevant"].values())
     assert first.held_out == len(held) and first.train_rows == len(NIST_QUESTIONS) - len(held)
+    assert not [text for text in prefect_texts() if any(q in text for q in NIST_QUESTIONS)]
+
+
+def prefect_texts() -> list[str]:
+    """Every log message and artifact the Prefect API holds, once sent."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        messages = [log.message for log in client.read_logs()]
+        return messages + [str(a.data) for a in client.read_artifacts()]
 
 
 def write_log(ws, queries: list[str]) -> None:
