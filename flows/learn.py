@@ -170,8 +170,12 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
         f"{len(run.failed)} failed; {len(rows)} {params.label_form} rows, "
         f"{len(held_queries)} queries held out"
     )
-    for reason in run.failed[:5]:
-        print(f"judging failed: {reason}")
+    if run.failed:
+        # A server's error can quote the request, and so the query: the reasons stay in the
+        # workspace with the log.
+        failures = ws.learned_dir / "failures.txt"
+        failures.write_text("\n".join(run.failed) + "\n")
+        print(f"judging failed for {len(run.failed)} queries (retried next run); see {failures}")
     markdown(
         "learn-summary",
         learn_report(result, judge.name, params.label_form),
