@@ -138,6 +138,7 @@ def test_serve_offers_the_same_deployments_as_prefect_yaml():
     from flows.serve import deployments
 
     built = {d.name: d for d in deployments()}
-    assert set(built) == {"demo", "refresh-nightly", "retrain-weekly"}
+    assert set(built) == {"demo", "refresh-nightly", "learn-nightly", "retrain-weekly"}
     assert built["refresh-nightly"].schedules[0].schedule.cron == "0 2 * * *"
+    assert built["learn-nightly"].schedules[0].schedule.cron == "0 1 * * *"
     assert not built["demo"].schedules

@@ -204,7 +204,7 @@ def test_refresh_with_a_new_document_asks_only_about_its_chunks(
 
     # Refresh takes only the settings it uses: no training or evaluation sections.
     settings = tiny_params(workspace, [small_corpus, extra]).model_dump(
-        exclude={"finetune", "evaluate", "publish_if_gated"}
+        exclude={"learn", "finetune", "evaluate", "publish_if_gated"}
     )
     refreshed = refresh(RefreshParams(**settings))
     after = load_rows(Workspace.at(workspace).chunks_dir)

@@ -64,6 +64,7 @@ CARD_LOSS = {
     "triplet": ["loss:TripletLoss", '"triplet_margin": 5'],
     "cached-mnrl": ["loss:CachedMultipleNegativesRankingLoss"],
     "gist": ["loss:GISTEmbedLoss"],
+    "matryoshka-distill": ["loss:MatryoshkaLoss", "loss:DistillKLDivLoss"],
 }
 
 
@@ -111,6 +112,15 @@ def test_each_recipe_trains_and_saves_a_model_that_reloads_with_its_card_and_pro
     recipe, pairs, tmp_path
 ):
     corpus, queries, relevant = eval_data() if recipe == "matryoshka-mnrl" else (None,) * 3
+    if RECIPES[recipe].needs_labels:
+        # A teacher's scores for (positive, negative): the next row's passage is the negative.
+        rows = pairs.to_list()
+        pairs = Dataset.from_list(
+            [
+                {**row, "negative": rows[(i + 1) % len(rows)]["positive"], "label": [2.0, -1.0]}
+                for i, row in enumerate(rows)
+            ]
+        )
     steps = []
     result = train(
         MINILM,
@@ -151,7 +161,7 @@ def test_each_recipe_trains_and_saves_a_model_that_reloads_with_its_card_and_pro
         assert "dim_384_cosine_ndcg@10" in record["metrics"]
         assert "* Dataset: `dim_384`" in card and "* Dataset: `dim_64`" in card
     else:
-        assert result.dims == [384]
+        assert result.dims == ([384, 256, 128, 64] if spec.matryoshka else [384])
     if recipe == "triplet":
         assert record["hard_negatives_mined"] is True
 
