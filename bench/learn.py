@@ -34,7 +34,6 @@ from tasks.evaluation import (
     ModelEval,
     distinct,
     evaluate_embeddings,
-    evaluate_model,
     paired_bootstrap,
     ranking_metrics,
 )
@@ -229,28 +228,33 @@ def main() -> None:
         all_ = result["tuned_over_zero_shot"]["all"]
         print(f"{variant}: {all_['gain']:+.2f} {all_['interval']}")
 
-    for given in [x for x in args.nudge.split(",") if x]:
-        variant: dict[str, Any] = {}
-        if given == "auto":
-            # The step as `learn` would choose it: from the log alone, no human label read.
-            texts = list(base_vectors)
-            text_row = {text: i for i, text in enumerate(texts)}
-            step, by_step = choose_nudge_step(
-                np.stack([base_vectors[t] for t in texts]),
-                {cid: text_row[text] for cid, text in corpus.items()},
-                judged,
-                np.stack([claim_vectors[q.query] for q in judged]),
-                seed=args.seed,
-            )
-            variant["log_mrr10_by_step"] = by_step
-        else:
-            step = float(given)
-        for target in ("teacher", "judge") if given != "auto" else ("judge",):
-            tuned = nudged_eval(
-                base_vectors, claim_vectors, corpus, judged, eval_queries, relevant, step, target
-            )
-            form = f"nudge ({target}'s choice{', step from the log' if given == 'auto' else ''})"
-            record({**variant, "form": form, "step": step}, tuned)
+    def nudges(doc_vectors: dict, query_vectors: dict, before: dict[str, Any]) -> None:
+        """Record each nudge of `args.nudge` applied to these vectors (`before`: the model)."""
+        for given in [x for x in args.nudge.split(",") if x]:
+            variant: dict[str, Any] = dict(before)
+            if given == "auto":
+                # The step as `learn` would choose it: from the log alone, no human label read.
+                texts = list(doc_vectors)
+                text_row = {text: i for i, text in enumerate(texts)}
+                step, by_step = choose_nudge_step(
+                    np.stack([doc_vectors[t] for t in texts]),
+                    {cid: text_row[text] for cid, text in corpus.items()},
+                    judged,
+                    np.stack([query_vectors[q.query] for q in judged]),
+                    seed=args.seed,
+                )
+                variant["log_mrr10_by_step"] = by_step
+            else:
+                step = float(given)
+            for target in ("teacher", "judge") if given != "auto" else ("judge",):
+                tuned = nudged_eval(
+                    doc_vectors, query_vectors, corpus, judged, eval_queries, relevant, step, target
+                )
+                how = f"{target}'s choice{', step from the log' if given == 'auto' else ''}"
+                form = f"{before.get('form', 'zero-shot')} + nudge ({how})"
+                record({**variant, "form": form, "step": step}, tuned)
+
+    nudges(base_vectors, claim_vectors, {})
 
     for form in [f for f in args.forms.split(",") if f]:
         rows = training_rows(judged, corpus, form)
@@ -279,10 +283,17 @@ def main() -> None:
                 "train_s": time.perf_counter() - started,
                 "steps": trained.steps,
             }
-            tuned = evaluate_model(
-                load_model(folder), corpus, eval_queries, relevant, [DIM], name=form, keep_hits=True
+            student = load_model(folder)
+            unit = {"batch_size": 64, "normalize_embeddings": True, "show_progress_bar": False}
+            doc_vectors = dict(zip(texts, student.encode_document(texts, **unit), strict=True))
+            query_vectors = dict(
+                zip(claim_texts, student.encode_query(claim_texts, **unit), strict=True)
+            )
+            tuned = evaluate_embeddings(
+                query_vectors, doc_vectors, corpus, eval_queries, relevant, [DIM], keep_hits=True
             )
             record(variant, tuned)
+            nudges(doc_vectors, query_vectors, variant)
 
 
 if __name__ == "__main__":
