@@ -106,8 +106,7 @@ def nudged_eval(
     texts = list(base_vectors)
     row = {text: i for i, text in enumerate(texts)}
     answers = [
-        q.chunk_ids[q.teacher_order()[0] if target == "teacher" else int(np.argmax(q.judge_scores))]
-        for q in judged
+        q.chunk_ids[q.teacher_order()[0]] if target == "teacher" else q.judge_choice for q in judged
     ]
     moved = nudge(
         np.stack([base_vectors[t] for t in texts]),

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -199,7 +198,7 @@ def write_nudge(
             retrieval.queries[[index[q.query] for q in trainable]],
             seed=seed,
         )
-    choices = [[q.query, q.chunk_ids[int(np.argmax(q.judge_scores))]] for q in trainable]
+    choices = [[q.query, q.judge_choice] for q in trainable]
     (ws.learned_dir / "nudge.json").write_text(
         json.dumps({"step": step, "mrr10_by_step": by_step, "choices": choices})
     )

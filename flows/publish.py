@@ -116,6 +116,7 @@ def embed_on(
 
 def nudged(
     ws: Workspace,
+    chunks: list[dict],
     model: SentenceTransformer,
     model_ref: str,
     prompts: tuple[str, str],
@@ -135,8 +136,8 @@ def nudged(
     if settings.nudge_step is not None:
         record["step"] = settings.nudge_step
     query_prompt, document_prompt = prompts
-    chunks = {row["id"]: row["text"] for row in load_rows(ws.chunks_dir)}
-    choices = [(query, chunks[cid]) for query, cid in record["choices"] if cid in chunks]
+    texts = {row["id"]: row["text"] for row in chunks}
+    choices = [(query, texts[cid]) for query, cid in record["choices"] if cid in texts]
     vectors = store.embed(model, [query for query, _ in choices], query_prompt, dim)
     step = float(record["step"])
     print(f"nudging the chunks of {len(choices)} judged queries, step {step:g}")
@@ -176,7 +177,14 @@ def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # 
         model_id = None
         if params.nudge:
             embed_texts, model_id = nudged(
-                ws, model, model_ref, (query_prompt, document_prompt), dim, embed_texts, params
+                ws,
+                chunks,
+                model,
+                model_ref,
+                (query_prompt, document_prompt),
+                dim,
+                embed_texts,
+                params,
             )
         done = store.publish(
             client,

@@ -231,16 +231,9 @@ JUDGES: dict[str, type] = {"local": LocalJudge, "api": ApiJudge, "cross-encoder"
 def make_judge(name: str, **settings: Any) -> Judge:
     """The judge called `name` with `settings`; unknown names or settings are a `ValueError`
     listing what is known."""
-    import dataclasses
+    from tasks.generators import check_settings
 
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; known judges: {', '.join(JUDGES)}")
-    cls = JUDGES[name]
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown setting(s) for the {name!r} judge: {', '.join(unknown)}; "
-            f"known settings: {', '.join(sorted(known))}"
-        )
-    return cls(**settings)
+    check_settings(JUDGES[name], settings, f"the {name!r} judge")
+    return JUDGES[name](**settings)

@@ -32,7 +32,7 @@ from tasks.judgements import Judgements
 from tasks.judges import Judge
 from tasks.progress import Progress
 from tasks.querylog import is_held_out
-from tasks.relevance import QUERY_GROUP, rerank_order, standardise
+from tasks.relevance import QUERY_GROUP, mixed_scores, rerank_order
 
 LabelForm = Literal["positives", "negatives", "distill"]
 LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
@@ -50,11 +50,17 @@ class JudgedQuery:
 
     def teacher_scores(self, weight: float = 1.0) -> np.ndarray:
         """The teacher's score of each candidate (in the retriever's order)."""
-        return standardise(self.base_scores) + weight * standardise(self.judge_scores)
+        return mixed_scores(self.base_scores, self.judge_scores, weight)
 
     def teacher_order(self, weight: float = 1.0) -> list[int]:
         """Candidate positions, the teacher's best first."""
         return rerank_order(self.base_scores, self.judge_scores, weight)
+
+    @property
+    def judge_choice(self) -> str:
+        """The chunk the judge alone scored highest: what held-out evaluation calls relevant
+        and what the nudge moves."""
+        return self.chunk_ids[int(np.argmax(self.judge_scores))]
 
 
 @dataclass
@@ -269,7 +275,7 @@ def judged_eval_set(
     for n, q in enumerate(q for q in judged if q.held_out):
         qid = f"log{n}"
         queries[qid] = q.query
-        relevant[qid] = {q.chunk_ids[int(np.argmax(q.judge_scores))]}
+        relevant[qid] = {q.judge_choice}
     return queries, relevant
 
 
@@ -312,20 +318,16 @@ def choose_nudge_step(
     `share` of them is set aside, the rest nudge the documents, and the step whose nudge ranks
     the judge's choice highest for the set-aside ones (MRR@10) wins; 0 when none beats not
     nudging. `row` maps chunk ids to rows of `documents`. Returns (step, MRR@10 per step)."""
-    answers = [row[q.chunk_ids[int(np.argmax(q.judge_scores))]] for q in judged]
+    answers = np.array([row[q.judge_choice] for q in judged], dtype=np.int64)
     check = np.array([is_held_out(q.query, share, seed + 1) for q in judged])
     if check.all() or not check.any():
         return 0.0, {}
-    fit = ~check
+    top = min(10, len(documents))
     scores = {}
     for step in (0.0, *steps):
-        moved = nudge(
-            documents, query_vectors[fit], [a for a, f in zip(answers, fit, strict=True) if f], step
-        )
-        top = min(10, len(documents))
+        moved = nudge(documents, query_vectors[~check], answers[~check], step)
         ranks = np.argsort(-(query_vectors[check] @ moved.T), axis=1)[:, :top]
-        wanted = np.array([a for a, c in zip(answers, check, strict=True) if c])
-        hit = ranks == wanted[:, None]
+        hit = ranks == answers[check][:, None]
         scores[step] = float((hit / np.arange(1, top + 1)).sum(axis=1).mean())
     best = max(scores, key=lambda step: (scores[step], -step))
     return best, scores

@@ -70,6 +70,13 @@ def make_generator(name: str, **settings: Any) -> QuestionGenerator:
             f"Unknown question generator {name!r}; known generators: {', '.join(registry)}"
         )
     cls = registry[name]()
+    check_settings(cls, settings, f"the {name!r} generator")
+    return cls(**settings)
+
+
+def check_settings(cls: type, settings: dict[str, Any], what: str) -> None:
+    """Raise a `ValueError` naming the settings the dataclass `cls` does not take, and the ones
+    it does; shared by generators and judges, which both take settings from flow parameters."""
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -81,10 +88,16 @@ def make_generator(name: str, **settings: Any) -> QuestionGenerator:
             else ""
         )
         raise ValueError(
-            f"Unknown setting(s) for the {name!r} generator: {', '.join(unknown)}; "
+            f"Unknown setting(s) for {what}: {', '.join(unknown)}; "
             f"known settings: {', '.join(sorted(known))}{hint}"
         )
-    return cls(**settings)
 
 
-__all__ = ["GENERATORS", "Generation", "Progress", "QuestionGenerator", "make_generator"]
+__all__ = [
+    "GENERATORS",
+    "Generation",
+    "Progress",
+    "QuestionGenerator",
+    "check_settings",
+    "make_generator",
+]
