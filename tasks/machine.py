@@ -13,6 +13,14 @@ from pathlib import Path
 
 #: The CPU flags that decide which kernels torch, oneDNN and numpy run.
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+#: The settings that stop torch's own kernels, oneDNN, MKL and FBGEMM short of the CPU's newest
+#: instructions; `bench/avx2-only` sets them all to run as a CPU without AVX-512 would.
+ISA_CAPS = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+)
 
 
 def cpu_model() -> str:
@@ -37,6 +45,25 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in present for flag in FLAGS}
 
 
+def isa_caps() -> dict[str, str]:
+    """The ISA_CAPS set in this process's environment, by name."""
+    return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 matrix products run in hardware here: the CPU has AVX512-BF16 or AMX,
+    and oneDNN (which torch's bfloat16 linear layers go through) is not capped below them."""
+    import torch
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if cap not in ("ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
+        return False
+    checks = [
+        getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return any(check is not None and check() for check in checks)
+
+
 def describe() -> str:
     """One line: CPU, its flags, cores, torch and its threads, and the dtype Gemma will use."""
     import torch
@@ -44,8 +71,10 @@ def describe() -> str:
     from tasks.generators.local import resolve_dtype
 
     flags = " ".join(f"{flag}{'+' if has else '-'}" for flag, has in cpu_flags().items())
+    caps = " ".join(f"{name}={value}" for name, value in isa_caps().items())
     return (
         f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores); {flags}; "
+        f"{f'capped by {caps}; ' if caps else ''}"
         f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
         f"LLM dtype {resolve_dtype('auto')}"
     )

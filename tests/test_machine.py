@@ -12,3 +12,15 @@ def test_the_machine_line_names_the_cpu_its_flags_and_the_llm_dtype(monkeypatch)
     for flag, has in cpu_flags().items():
         assert f"{flag}{'+' if has else '-'}" in line
     assert "torch " in line and line.endswith("LLM dtype float32")
+
+
+def test_an_isa_capped_below_bf16_picks_float32_and_says_so(monkeypatch):
+    from tasks.generators.local import resolve_dtype
+    from tasks.machine import native_bf16
+
+    monkeypatch.delenv("RAGTUNE_DTYPE", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+    assert native_bf16() is False
+    assert resolve_dtype("auto") == "float32"
+    assert "capped by ONEDNN_MAX_CPU_ISA=AVX2;" in describe()

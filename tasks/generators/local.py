@@ -119,12 +119,9 @@ def resolve_dtype(dtype: str) -> str:
         raise ValueError(f"{DTYPE_ENV}={forced!r}: use one of {', '.join(choices)}")
     if forced != "auto":
         return forced
-    import torch
+    from tasks.machine import native_bf16
 
-    native = [
-        getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    return "bfloat16" if any(check is not None and check() for check in native) else "float32"
+    return "bfloat16" if native_bf16() else "float32"
 
 
 def load_gemma(root: Path | None = None, dtype: str = "float32") -> tuple[Any, Any]:
