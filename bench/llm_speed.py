@@ -95,19 +95,26 @@ def transformer_parameters(model) -> tuple[int, int, int]:
     return total - vocab * hidden, vocab, hidden
 
 
-def judge_rows(passages: list[str], dtype: str, repeats: int, limit: float) -> list[dict]:
-    judge = local_judge(dtype=dtype)
+def judge_rows(
+    passages: list[str],
+    dtype: str,
+    repeats: int,
+    limit: float,
+    passage_tokens: int | None,
+    tops: list[int],
+) -> list[dict]:
+    judge = local_judge(dtype=dtype, max_passage_tokens=passage_tokens)
     body, vocab, hidden = transformer_parameters(judge.model)
     tokenizer = judge.tokenizer
     rows = []
-    for top in (5, 10, 20):
+    for top in tops:
         candidates = passages[:top]
         judge.score(QUESTIONS[0], candidates)  # warm-up
         seconds = statistics.median(
             median_seconds(lambda q=q, c=candidates: judge.score(q, c), repeats) for q in QUESTIONS
         )
         context = sum(
-            len(tokenizer(judge.prompt.format(passage=p[: judge.max_passage_chars]))["input_ids"])
+            len(tokenizer(judge.prompt.format(passage=judge.cut(p)))["input_ids"])
             for p in candidates
         )
         question = statistics.mean(
@@ -153,8 +160,10 @@ def many_query_rows(passages: list[str], dtype: str) -> list[dict]:
     ]
 
 
-def generator_row(passages: list[str], dtype: str, limit: float) -> dict:
-    generator = make_generator("local", n=3, dtype=dtype, show_progress=False)
+def generator_row(passages: list[str], dtype: str, limit: float, batch_size: int) -> dict:
+    generator = make_generator(
+        "local", n=3, dtype=dtype, batch_size=batch_size, show_progress=False
+    )
     generator.generate(passages[:2])  # warm-up: loads the model
     model, _ = load_gemma(dtype=dtype)
     body, vocab, hidden = transformer_parameters(model)
@@ -167,7 +176,7 @@ def generator_row(passages: list[str], dtype: str, limit: float) -> dict:
     # Every generated token also goes through the vocabulary projection.
     flops = 2 * body * (prompt + completion) + 2 * vocab * hidden * completion
     return {
-        "generator": "16 chunks, 3 questions each",
+        "generator": f"16 chunks, 3 questions each, batch {batch_size}",
         "questions/s": f"{questions / seconds:.2f}",
         "s": f"{seconds:.1f}",
         "prompt + completion tokens": prompt + completion,
@@ -180,6 +189,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per question.")
     parser.add_argument("--no-generator", action="store_true", help="Time the judge only.")
+    parser.add_argument(
+        "--tops", default="5,10,20", help="Candidates per query to time the judge on."
+    )
+    parser.add_argument(
+        "--no-many", action="store_true", help="Skip the many-queries-at-once rows."
+    )
+    parser.add_argument(
+        "--generator-batch", type=int, default=16, help="Sequences per generator forward pass."
+    )
+    parser.add_argument(
+        "--passage-tokens", type=int, default=0, help="The judge reads N tokens of each passage."
+    )
     args = parser.parse_args()
     dtype = resolve_dtype("auto")
     print(machine())
@@ -189,11 +210,19 @@ def main() -> None:
     passages = [
         c.text for c in chunk_pages(read_document(NIST_PDF), tokenizer, max_tokens=256, overlap=32)
     ][20:60]
-    judged = judge_rows(passages, dtype, args.repeats, limits[dtype])
+    tops = [int(top) for top in args.tops.split(",")]
+    judged = judge_rows(
+        passages, dtype, args.repeats, limits[dtype], args.passage_tokens or None, tops
+    )
     print(markdown_table(judged))
-    many = many_query_rows(passages, dtype)
-    print(markdown_table(many))
-    generated = [] if args.no_generator else [generator_row(passages, dtype, limits[dtype])]
+    many = [] if args.no_many else many_query_rows(passages, dtype)
+    if many:
+        print(markdown_table(many))
+    generated = (
+        []
+        if args.no_generator
+        else [generator_row(passages, dtype, limits[dtype], args.generator_batch)]
+    )
     if generated:
         print(markdown_table(generated))
     forced = f"{DTYPE_ENV}={os.environ[DTYPE_ENV]} " if os.environ.get(DTYPE_ENV) else ""
@@ -206,10 +235,10 @@ def main() -> None:
         "Matrix-multiply limit at Gemma's shapes (2048 tokens x 640 x 2048), GFLOP/s:\n\n"
         + markdown_table([{k: f"{v:.0f}" for k, v in limits.items()}])
         + f"\nJudge (median over {len(QUESTIONS)} questions x {args.repeats} runs, 256-token "
-        "NIST chunks):\n\n"
+        f"NIST chunks{f' cut to {args.passage_tokens} tokens' if args.passage_tokens else ''}):"
+        "\n\n"
         + markdown_table(judged)
-        + "\nMany queries (amortised):\n\n"
-        + markdown_table(many)
+        + ("\nMany queries (amortised):\n\n" + markdown_table(many) if many else "")
         + ("\nGenerator:\n\n" + markdown_table(generated) if generated else "")
     )
     if not RESULTS.exists():

@@ -53,7 +53,9 @@ class LearnSettings(Params):
         "(.txt), JSONL or CSV with the query in `queries_field`.",
     )
     queries_field: str = Field("query", description="The query's field in a JSONL or CSV log.")
-    top_k: int = Field(10, ge=2, le=100, description="Candidates the judge scores per query.")
+    # 20, not 10: on SciFact the nudge and the distilled model both gained more from twice the
+    # candidates (+4.98 against +3.38 NDCG@10 together), for twice the judge's time.
+    top_k: int = Field(20, ge=2, le=100, description="Candidates the judge scores per query.")
     label_form: LabelForm = Field(
         "positives",
         description="positives: (query, judge's top chunk); negatives: plus a hard negative; "

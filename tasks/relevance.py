@@ -114,9 +114,9 @@ class QueryLikelihood:
         return self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
 
     def _context_ids(self, passage: str) -> list[int]:
-        return self.tokenizer(self.prompt.format(passage=self._cut(passage)))["input_ids"]
+        return self.tokenizer(self.prompt.format(passage=self.cut(passage)))["input_ids"]
 
-    def _cut(self, passage: str) -> str:
+    def cut(self, passage: str) -> str:
         """The passage as the judge reads it: at most `max_passage_chars` characters, then at
         most `max_passage_tokens` tokens where set (a token budget is the same cost for every
         text, where characters per token vary by language and subject)."""
@@ -155,7 +155,7 @@ class QueryLikelihood:
     def _passage_state(self, passage: str) -> tuple[Any, Any]:
         import torch
 
-        text = self._cut(passage)
+        text = self.cut(passage)
         if text in self.states:
             self.states.move_to_end(text)
             return self.states[text]

@@ -103,10 +103,10 @@ def test_a_token_budget_cuts_what_the_judge_reads():
     judge = local_judge(dtype="float32")
     short = QueryLikelihood(judge.model, judge.tokenizer, "short", max_passage_tokens=4)
 
-    read = short._cut(PASSAGES[1])
+    read = short.cut(PASSAGES[1])
 
     assert len(judge.tokenizer(read, add_special_tokens=False)["input_ids"]) == 4
-    assert PASSAGES[1].startswith(read) and judge._cut(PASSAGES[1]) == PASSAGES[1]
+    assert PASSAGES[1].startswith(read) and judge.cut(PASSAGES[1]) == PASSAGES[1]
     assert short.score("What is the capital of Peru?", PASSAGES) != judge.score(
         "What is the capital of Peru?", PASSAGES
     )
