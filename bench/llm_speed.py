@@ -33,8 +33,9 @@ from tasks.chunking import chunk_pages
 from tasks.documents import read_document
 from tasks.generators import make_generator
 from tasks.generators.local import DTYPE_ENV, load_gemma, resolve_dtype
+from tasks.machine import isa_caps
 from tasks.models import MINILM, load_model
-from tasks.relevance import JUDGE_CACHE, local_judge
+from tasks.relevance import JUDGE_CACHE, MAX_PASSAGE_TOKENS, local_judge
 from tasks.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-llm-speed.md"
@@ -199,7 +200,10 @@ def main() -> None:
         "--generator-batch", type=int, default=16, help="Sequences per generator forward pass."
     )
     parser.add_argument(
-        "--passage-tokens", type=int, default=0, help="The judge reads N tokens of each passage."
+        "--passage-tokens",
+        type=int,
+        default=MAX_PASSAGE_TOKENS,
+        help="The judge reads N tokens of each passage (0: no cut).",
     )
     args = parser.parse_args()
     dtype = resolve_dtype("auto")
@@ -226,7 +230,8 @@ def main() -> None:
     if generated:
         print(markdown_table(generated))
     forced = f"{DTYPE_ENV}={os.environ[DTYPE_ENV]} " if os.environ.get(DTYPE_ENV) else ""
-    command = f"HF_HUB_OFFLINE=1 {forced}.venv/bin/python bench/" + " ".join(
+    wrapper = "bench/avx2-only " if isa_caps() else ""
+    command = f"HF_HUB_OFFLINE=1 {forced}{wrapper}.venv/bin/python bench/" + " ".join(
         shlex.quote(a) for a in ["llm_speed.py", *sys.argv[1:]]
     )
     section = (

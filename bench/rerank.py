@@ -28,6 +28,7 @@ from tasks.evaluation import paired_bootstrap, ranking_metrics
 from tasks.fewshot import labelled_split
 from tasks.models import MINILM, load_model
 from tasks.relevance import (
+    MAX_PASSAGE_TOKENS,
     local_judge_name,
     reorder_head,
     rerank_order,
@@ -54,7 +55,10 @@ def main() -> None:
         "--group", type=int, default=1, help="Claims judged together in shared batches."
     )
     parser.add_argument(
-        "--passage-tokens", type=int, default=0, help="Cut passages to N tokens (0: no cut)."
+        "--passage-tokens",
+        type=int,
+        default=MAX_PASSAGE_TOKENS,
+        help="Cut passages to N tokens (0: no cut).",
     )
     args = parser.parse_args()
     args.beir = beir_folder(args.beir)

@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from tasks.relevance import (
     JUDGE_PROMPT,
     MAX_PASSAGE_CHARS,
+    MAX_PASSAGE_TOKENS,
     STATEMENT_PROMPT,
     is_statement,
     score_grouped,
@@ -69,7 +70,7 @@ class LocalJudge:
 
     cache_size: int = 0
     #: cut passages to this many tokens (None: only to MAX_PASSAGE_CHARS characters)
-    max_passage_tokens: int | None = None
+    max_passage_tokens: int | None = MAX_PASSAGE_TOKENS
     name: str = field(default="local", init=False)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,9 @@ JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passag
 JUDGE_CACHE = 128
 #: Characters of a passage the judge reads (about 250 tokens of English).
 MAX_PASSAGE_CHARS = 1000
+#: Tokens of a passage the judge reads: on SciFact dev (first 200 claims) 192 kept re-ranking's
+#: NDCG@10 within 0.14 points of the uncut passages for 11% less time; 128 lost 0.92.
+MAX_PASSAGE_TOKENS = 192
 #: Padded tokens per forward pass when many queries' pairs are judged together.
 BATCH_TOKENS = 8192
 #: Queries whose candidates are judged together where a caller has many (evaluation, learn).
@@ -53,7 +56,7 @@ class QueryLikelihood:
         prompt: str = JUDGE_PROMPT,
         max_passage_chars: int = MAX_PASSAGE_CHARS,
         cache_size: int = 0,
-        max_passage_tokens: int | None = None,
+        max_passage_tokens: int | None = MAX_PASSAGE_TOKENS,
     ) -> None:
         if "{passage}" not in prompt:
             raise ValueError(f"the judge prompt must contain '{{passage}}', got {prompt!r}")
@@ -198,7 +201,7 @@ def local_judge(
     statements: bool = False,
     dtype: str = "auto",
     cache_size: int = 0,
-    max_passage_tokens: int | None = None,
+    max_passage_tokens: int | None = MAX_PASSAGE_TOKENS,
 ) -> QueryLikelihood:
     """The bundled Gemma 3 270M as the judge, offline; `cache_size` passages' states kept."""
     from tasks.generators.local import load_gemma, resolve_dtype
@@ -216,7 +219,7 @@ def local_judge(
 
 
 def style_judges(
-    cache_size: int = 0, max_passage_tokens: int | None = None
+    cache_size: int = 0, max_passage_tokens: int | None = MAX_PASSAGE_TOKENS
 ) -> Callable[[str], QueryLikelihood]:
     """A function giving each query the bundled judge in its style (claim or question), one
     judge per style for all the queries it is asked about, so its passage states are shared."""

@@ -121,6 +121,8 @@ def test_fingerprint_changes_with_what_changes_the_output():
         LocalGenerator(dtype="float32").fingerprint()
         != LocalGenerator(dtype="bfloat16").fingerprint()
     )
+    # Logs and reports name the generator: the compute path that ran is part of its name.
+    assert LocalGenerator(dtype="int8").name == "local (gemma-3-270m-q4_k_m, int8)"
     for change in (
         {"n": 2},
         {"seed": 1},

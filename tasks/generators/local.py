@@ -227,6 +227,8 @@ class LocalGenerator:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 or None, got {self.threads!r}")
         self.dtype = resolve_dtype(self.dtype)
+        # The compute path in the name, so the flow's log and report say which one ran.
+        self.name = f"local ({MODEL_NAME}, {self.dtype})"
         self.few_shot = as_few_shot(self.few_shot)
         self.example_queries = [str(q) for q in self.example_queries]
 
