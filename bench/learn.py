@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,25 @@ def gains(base: list[float], tuned: list[float], seen: list[bool]) -> dict[str, 
     return out
 
 
+@dataclass
+class Stacked:
+    """Document vectors as one matrix, a row per distinct text, and each chunk id's row: the
+    shape `nudge` and `choose_nudge_step` take."""
+
+    texts: list[str]
+    matrix: np.ndarray
+    row: dict[str, int]
+
+    @classmethod
+    def of(cls, doc_vectors: dict[str, np.ndarray], corpus: dict[str, str]) -> Stacked:
+        texts = list(doc_vectors)
+        text_row = {text: i for i, text in enumerate(texts)}
+        matrix = np.stack([doc_vectors[t] for t in texts])
+        return cls(texts, matrix, {cid: text_row[text] for cid, text in corpus.items()})
+
+
 def nudged_eval(
-    base_vectors: dict[str, np.ndarray],
+    docs: Stacked,
     claim_vectors: dict[str, np.ndarray],
     corpus: dict[str, str],
     judged: list[JudgedQuery],
@@ -101,22 +119,20 @@ def nudged_eval(
     step: float,
     target: str,
 ) -> ModelEval:
-    """Zero-shot MiniLM with the corpus vectors nudged towards the judged log claims: each
-    claim's `target` chunk (the teacher's first, or the judge's alone) moves `step`."""
-    texts = list(base_vectors)
-    row = {text: i for i, text in enumerate(texts)}
+    """The corpus vectors nudged towards the judged log claims, evaluated: each claim's
+    `target` chunk (the teacher's first, or the judge's alone) moves `step`."""
     answers = [
         q.chunk_ids[q.teacher_order()[0]] if target == "teacher" else q.judge_choice for q in judged
     ]
     moved = nudge(
-        np.stack([base_vectors[t] for t in texts]),
+        docs.matrix,
         np.stack([claim_vectors[q.query] for q in judged]),
-        [row[corpus[cid]] for cid in answers],
+        [docs.row[cid] for cid in answers],
         step,
     )
     return evaluate_embeddings(
         claim_vectors,
-        dict(zip(texts, moved, strict=True)),
+        dict(zip(docs.texts, moved, strict=True)),
         corpus,
         queries,
         relevant,
@@ -229,15 +245,14 @@ def main() -> None:
 
     def nudges(doc_vectors: dict, query_vectors: dict, before: dict[str, Any]) -> None:
         """Record each nudge of `args.nudge` applied to these vectors (`before`: the model)."""
+        docs = Stacked.of(doc_vectors, corpus)
         for given in [x for x in args.nudge.split(",") if x]:
             variant: dict[str, Any] = dict(before)
             if given == "auto":
                 # The step as `learn` would choose it: from the log alone, no human label read.
-                texts = list(doc_vectors)
-                text_row = {text: i for i, text in enumerate(texts)}
                 step, by_step = choose_nudge_step(
-                    np.stack([doc_vectors[t] for t in texts]),
-                    {cid: text_row[text] for cid, text in corpus.items()},
+                    docs.matrix,
+                    docs.row,
                     judged,
                     np.stack([query_vectors[q.query] for q in judged]),
                     seed=args.seed,
@@ -247,7 +262,7 @@ def main() -> None:
                 step = float(given)
             for target in ("teacher", "judge") if given != "auto" else ("judge",):
                 tuned = nudged_eval(
-                    doc_vectors, query_vectors, corpus, judged, eval_queries, relevant, step, target
+                    docs, query_vectors, corpus, judged, eval_queries, relevant, step, target
                 )
                 how = f"{target}'s choice{', step from the log' if given == 'auto' else ''}"
                 form = f"{before.get('form', 'zero-shot')} + nudge ({how})"

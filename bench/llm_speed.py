@@ -114,10 +114,7 @@ def judge_rows(
         seconds = statistics.median(
             median_seconds(lambda q=q, c=candidates: judge.score(q, c), repeats) for q in QUESTIONS
         )
-        context = sum(
-            len(tokenizer(judge.prompt.format(passage=judge.cut(p)))["input_ids"])
-            for p in candidates
-        )
+        context = sum(len(judge.context_ids(p)) for p in candidates)
         question = statistics.mean(
             len(tokenizer(" " + q, add_special_tokens=False)["input_ids"]) for q in QUESTIONS
         )

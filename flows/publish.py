@@ -136,8 +136,8 @@ def nudged(
     if settings.nudge_step is not None:
         record["step"] = settings.nudge_step
     query_prompt, document_prompt = prompts
-    texts = {row["id"]: row["text"] for row in chunks}
-    choices = [(query, texts[cid]) for query, cid in record["choices"] if cid in texts]
+    text_of = {row["id"]: row["text"] for row in chunks}
+    choices = [(query, text_of[cid]) for query, cid in record["choices"] if cid in text_of]
     vectors = store.embed(model, [query for query, _ in choices], query_prompt, dim)
     step = float(record["step"])
     print(f"nudging the chunks of {len(choices)} judged queries, step {step:g}")

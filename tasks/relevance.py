@@ -90,7 +90,7 @@ class QueryLikelihood:
                 for q, passages in items
             ]
         pairs = [
-            (self._context_ids(passage), self._question_ids(question))
+            (self.context_ids(passage), self._question_ids(question))
             for question, passages in items
             for passage in passages
         ]
@@ -116,7 +116,8 @@ class QueryLikelihood:
     def _question_ids(self, question: str) -> list[int]:
         return self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
 
-    def _context_ids(self, passage: str) -> list[int]:
+    def context_ids(self, passage: str) -> list[int]:
+        """The tokens the judge reads before the question: the prompt around the cut passage."""
         return self.tokenizer(self.prompt.format(passage=self.cut(passage)))["input_ids"]
 
     def cut(self, passage: str) -> str:
