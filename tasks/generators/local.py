@@ -12,9 +12,12 @@ bfloat16 it does not quite: padding a batch moves the logits by a rounding error
 change a sample now and then, so the same chunks in the same batches (as the question cache and
 the Dask runner send them) are what reproduces a run exactly.
 
-Speed on CPU (bench/RESULTS-generation.md): bfloat16 where the CPU has native support is about
-twice as fast as float32; on a busy machine one torch thread beats two by several times, so the
-thread count follows the idle cores; n questions per passage share one prompt prefill.
+Speed on CPU (bench/RESULTS-generation.md, bench/RESULTS-llm-speed.md): bfloat16 where the CPU
+has native support is about twice as fast as float32; on a busy machine one torch thread beats
+two by several times, so the thread count follows the idle cores; n questions per passage share
+one prompt prefill; a sequence leaves the batch when its question ends; on float32 weights an
+int8 copy of the vocabulary projection shortlists the next token (`tasks.generators.sampling`).
+The decoding loop is ragtune's own rather than `generate()`'s, for those last two.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tasks.generators.prompts import (
     passage_seed,
     split_questions,
 )
+from tasks.generators.sampling import Head, Sampler
 from tasks.workspace import fingerprint as hash_parts
 
 log = logging.getLogger(__name__)
@@ -189,9 +193,9 @@ class LocalGenerator:
 
     #: questions per passage: n sequences sampled from one shared prompt prefill
     n: int = 1
-    #: sequences per forward pass (left-padded); decoding reads the 262k-token output layer once
-    #: per step whatever the batch, so bigger batches are cheaper per question (16 measured ~1.9x
-    #: faster than 8 on 2 cores)
+    #: sequences per forward pass (left-padded); decoding reads the weights once per step
+    #: whatever the batch, so bigger batches are cheaper per question (16 measured ~1.9x faster
+    #: than 8 on 2 cores; 32 and 48 no faster than 16)
     batch_size: int = 16
     #: new tokens per question (a question rarely needs more than 30)
     max_new_tokens: int = 40
@@ -288,7 +292,9 @@ class LocalGenerator:
         # Sorted by prompt length so that batches pad little.
         todo.sort(key=lambda i: len(tokenizer(prompts[i]).input_ids))
         per_batch = max(1, self.batch_size // self.n)
-        sampler = _Sampler.for_tokenizer(tokenizer, self.temperature, self.top_p)
+        sampler = Sampler.for_tokenizer(
+            tokenizer, model.config.vocab_size, self.temperature, self.top_p
+        )
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads or idle_cores())
         bar = tqdm(
@@ -333,135 +339,63 @@ class LocalGenerator:
         return results
 
     def _generate_batch(
-        self, model: Any, tokenizer: Any, sampler: _Sampler, prompts: list[str], seeds: list[int]
+        self, model: Any, tokenizer: Any, sampler: Sampler, prompts: list[str], seeds: list[int]
     ) -> list[Generation]:
         """n sampled questions for each prompt.
 
         The prompts are prefilled once and their key/value cache repeated n times, so n
-        questions cost one prompt's worth of prefill, not n (the output is the same as
-        prefilling every copy).
+        questions cost one prompt's worth of prefill, not n. A row leaves the batch as soon as
+        its question ends, so the rest decode without it (questions end after ~15 tokens, the
+        longest in a batch after 40).
         """
-        from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
+        import torch
+        from transformers import DynamicCache
 
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        ids, mask = enc.input_ids, enc.attention_mask
-        cache = None
-        if self.n > 1:
-            cache = DynamicCache(config=model.config)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache.batch_repeat_interleave(self.n)
-            ids, mask = ids.repeat_interleave(self.n, 0), mask.repeat_interleave(self.n, 0)
-        config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=sampler.stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        out = model.generate(
-            input_ids=ids,
+        mask = enc.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        hidden = model.model(
+            input_ids=enc.input_ids,
             attention_mask=mask,
-            past_key_values=cache,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([sampler.seeded(seeds)]),
-        )
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        if self.n > 1:
+            cache.batch_repeat_interleave(self.n)
+            hidden, mask = hidden.repeat_interleave(self.n, 0), mask.repeat_interleave(self.n, 0)
+            positions = positions.repeat_interleave(self.n, 0)
+        head = Head.for_model(model)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        tokens: list[list[int]] = [[] for _ in seeds]
+        rows = list(range(len(seeds)))
+        position = positions[:, -1:] + 1
+        for step in range(self.max_new_tokens):
+            chosen = sampler.next_tokens(hidden, head, [generators[r] for r in rows], step == 0)
+            going = [i for i, token in enumerate(chosen.tolist()) if token != sampler.eos]
+            for i in going:
+                tokens[rows[i]].append(int(chosen[i]))
+            if not going or step == self.max_new_tokens - 1:
+                break
+            if len(going) < len(rows):
+                cache.batch_select_indices(torch.tensor(going))
+                mask, position, chosen = mask[going], position[going], chosen[going]
+                rows = [rows[i] for i in going]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            hidden = model.model(
+                input_ids=chosen.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=position,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            position = position + 1
         prompt_lens = enc.attention_mask.sum(dim=1).tolist()
         answers = [Generation([], prompt_tokens=int(n_tokens)) for n_tokens in prompt_lens]
-        for row, tokens in enumerate(out[:, ids.shape[1] :].tolist()):
-            kept = []
-            for token in tokens:
-                if token in sampler.stop_ids or token == tokenizer.pad_token_id:
-                    break
-                kept.append(token)
+        for row, kept in enumerate(tokens):
             answer = answers[row // self.n]
             text = tokenizer.decode(kept, skip_special_tokens=True)
             answer.questions += drop_echoes(split_questions(text, limit=1), self.shown_questions())
             answer.completion_tokens += len(kept)
         return answers
-
-
-_NEWLINE_MASKS: dict[int, Any] = {}
-_CANDIDATES = 256
-
-
-class _Sampler:
-    """Temperature + top-p sampling with one `torch.Generator` per row.
-
-    `generate` samples a whole batch from one random stream, so a passage's sample would depend
-    on its batch mates. Here each row draws from its own seeded generator and the chosen token
-    gets the only finite score, so `generate` runs greedy and just follows it. A token that
-    starts a new line ends the question (it is mapped to the end-of-sequence token); the first
-    token may not end it, or a sample would be an empty question.
-    """
-
-    def __init__(
-        self, temperature: float, top_p: float, newline: Any, eos: int, stop_ids: list[int]
-    ):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.newline = newline
-        self.eos = eos
-        self.stop_ids = stop_ids
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Any, temperature: float, top_p: float) -> _Sampler:
-        import torch
-
-        newline = _NEWLINE_MASKS.get(id(tokenizer))
-        if newline is None:
-            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-            newline = torch.tensor(
-                [p is not None and ("\n" in p or p == "<0x0A>") for p in pieces], dtype=torch.bool
-            )
-            _NEWLINE_MASKS[id(tokenizer)] = newline
-        stop_ids = {tokenizer.eos_token_id}
-        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-            stop_ids.add(end_of_turn)
-        return cls(temperature, top_p, newline, tokenizer.eos_token_id, sorted(stop_ids))
-
-    def ends(self, vocab_size: int) -> Any:
-        """Tokens that end a question, as a mask over the model's vocabulary."""
-        import torch
-
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        size = min(vocab_size, len(self.newline))
-        mask[:size] = self.newline[:size]
-        mask[[t for t in self.stop_ids if t < vocab_size]] = True
-        return mask
-
-    def seeded(self, seeds: list[int]) -> Any:
-        import torch
-
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        state: dict[str, Any] = {}
-
-        def process(input_ids: Any, scores: Any) -> Any:
-            logits = scores.float() / self.temperature
-            if "ends" not in state:
-                state["ends"] = self.ends(scores.shape[-1])
-                logits[:, state["ends"]] = float("-inf")
-            probs = torch.softmax(logits, dim=-1)
-            # top-k before top-p: sorting a 262k vocabulary every step costs more than the
-            # decoding step itself, and the nucleus lives well inside the top candidates.
-            sorted_probs, order = probs.topk(min(_CANDIDATES, probs.shape[-1]), dim=-1)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            chosen = torch.empty(len(generators), dtype=torch.long)
-            for row, gen in enumerate(generators):
-                pick = torch.multinomial(sorted_probs[row], 1, generator=gen)
-                chosen[row] = order[row, pick]
-            chosen = torch.where(state["ends"][chosen], torch.full_like(chosen, self.eos), chosen)
-            forced = torch.full_like(scores, float("-inf"))
-            forced[torch.arange(len(chosen)), chosen] = 0.0
-            return forced
-
-        return process
