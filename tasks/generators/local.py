@@ -44,7 +44,7 @@ from tasks.generators.prompts import (
     passage_seed,
     split_questions,
 )
-from tasks.generators.sampling import Head, Sampler
+from tasks.generators.sampling import Head, Sampler, int8_head_available
 from tasks.workspace import fingerprint as hash_parts
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,8 @@ class LocalGenerator:
             raise ValueError(f"threads must be at least 1 or None, got {self.threads!r}")
         self.dtype = resolve_dtype(self.dtype)
         # The compute path in the name, so the flow's log and report say which one ran.
-        self.name = f"local ({MODEL_NAME}, {self.dtype})"
+        head = ", int8 head" if self.dtype != "bfloat16" and int8_head_available() else ""
+        self.name = f"local ({MODEL_NAME}, {self.dtype}{head})"
         self.few_shot = as_few_shot(self.few_shot)
         self.example_queries = [str(q) for q in self.example_queries]
 

@@ -36,12 +36,11 @@ class Head:
     """
 
     def __init__(self, weight: Any, int8: bool):
-        import torch
 
         self.weight = weight
         self.packed = None
         self.path = "exact"
-        if int8 and "fbgemm" in torch.backends.quantized.supported_engines:
+        if int8 and int8_head_available():
             self.packed = _pack_int8(weight.detach().float())
             self.path = "int8 shortlist"
 
@@ -89,6 +88,13 @@ class Head:
             (hidden / peak).float().contiguous(), 1 / 63, 64, self.packed
         )
         return out * peak
+
+
+def int8_head_available() -> bool:
+    """Whether FBGEMM, torch's x86 int8 library, serves this CPU (any x86-64 with AVX2)."""
+    import torch
+
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def _pack_int8(weight: Any) -> Any:
