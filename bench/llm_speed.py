@@ -171,7 +171,8 @@ def generator_row(passages: list[str], dtype: str, limit: float, batch_size: int
     questions = sum(len(r.questions) for r in results)
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
-    # Every generated token also goes through the vocabulary projection.
+    # Every generated token also goes through the vocabulary projection, counted at float32's
+    # full cost even where an int8 ranking shortlists it, so paths compare on the same work.
     flops = 2 * body * (prompt + completion) + 2 * vocab * hidden * completion
     return {
         "generator": f"16 chunks, 3 questions each, batch {batch_size}",
