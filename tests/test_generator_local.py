@@ -215,3 +215,15 @@ def test_the_int8_shortlist_keeps_the_exact_heads_candidates_and_logits(last_hid
     # swap near-ties among the unlikely ones).
     assert alone[0][0, :32].tolist() == short_ids[0, :32].tolist()
     torch.testing.assert_close(alone[1][0], short_logits[0], atol=1e-4, rtol=1e-5)
+
+
+def test_unloading_gemma_also_frees_its_vocabulary_head(last_hidden):
+    """The int8 copy and the float32 projection it points at are ~840 MB: unloading the model
+    before training must drop them too (this module's last test: it unloads the shared model)."""
+    from tasks.generators import local
+
+    model, _ = local.load_gemma(dtype="float32")
+    head = local.vocabulary_head(model)
+    assert local.vocabulary_head(model) is head and head.path == "int8 shortlist"
+    local.unload_gemma()
+    assert not local._HEADS and not local._LOADED

@@ -175,6 +175,22 @@ def unload_gemma() -> None:
     """Drop the loaded model (about 1 GB), e.g. before training in the same process."""
     with _LOAD_LOCK:
         _LOADED.clear()
+        _HEADS.clear()
+
+
+_HEADS: dict[int, Head] = {}
+
+
+def vocabulary_head(model: Any) -> Head:
+    """The model's vocabulary projection for sampling, built once per loaded model (packing
+    the int8 copy takes a second or two): int8-shortlisted on float32 weights, else exact."""
+    import torch
+
+    weight = model.get_output_embeddings().weight
+    with _LOAD_LOCK:
+        if id(model) not in _HEADS:
+            _HEADS[id(model)] = Head(weight, int8=weight.dtype == torch.float32)
+        return _HEADS[id(model)]
 
 
 def idle_cores() -> int:
@@ -367,7 +383,7 @@ class LocalGenerator:
             cache.batch_repeat_interleave(self.n)
             hidden, mask = hidden.repeat_interleave(self.n, 0), mask.repeat_interleave(self.n, 0)
             positions = positions.repeat_interleave(self.n, 0)
-        head = Head.for_model(model)
+        head = vocabulary_head(model)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         tokens: list[list[int]] = [[] for _ in seeds]
         rows = list(range(len(seeds)))

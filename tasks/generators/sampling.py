@@ -23,7 +23,6 @@ SHORTLIST = 2 * CANDIDATES
 #: Rows per int8 product: FBGEMM's time grows faster than the rows beyond ~16 here.
 _ROWS = 16
 
-_HEADS: dict[int, Any] = {}
 _NEWLINE_MASKS: dict[int, Any] = {}
 
 
@@ -43,17 +42,6 @@ class Head:
         if int8 and int8_head_available():
             self.packed = _pack_int8(weight.detach().float())
             self.path = "int8 shortlist"
-
-    @classmethod
-    def for_model(cls, model: Any) -> Head:
-        """One head per loaded model: packing the int8 copy takes a second or two."""
-        weight = model.get_output_embeddings().weight
-        key = id(weight)
-        if key not in _HEADS:
-            import torch
-
-            _HEADS[key] = cls(weight, int8=weight.dtype == torch.float32)
-        return _HEADS[key]
 
     def candidates(self, hidden: Any, banned: Any | None) -> tuple[Any, Any, Any]:
         """(token ids, their logits, log of the rest's total exp-logit), each row on its own.
