@@ -35,7 +35,6 @@ class Head:
     """
 
     def __init__(self, weight: Any, int8: bool):
-
         self.weight = weight
         self.packed = None
         self.path = "exact"
