@@ -185,31 +185,27 @@ def test_the_int8_shortlist_keeps_the_exact_heads_candidates_and_logits(last_hid
     and their logits must be the exact projection's (within float32 summation error)."""
     import torch
 
-    from tasks.generators.sampling import Head
+    from tasks.generators.sampling import Head, shares
 
     weight, hidden = last_hidden
     exact, shortlist = Head(weight, int8=False), Head(weight, int8=True)
     assert shortlist.path == "int8 shortlist" and exact.path == "exact"
     with torch.inference_mode():
-        ids, logits, rest = exact.candidates(hidden, None)
-        short_ids, short_logits, short_rest = shortlist.candidates(hidden, None)
-        alone = shortlist.candidates(hidden[:1], None)
+        reference = torch.softmax(hidden @ weight.T / 0.7, dim=-1)  # the whole vocabulary
+        ids, logits, rest = exact.candidates(hidden, None, 0.7)
+        short_ids, short_logits, short_rest = shortlist.candidates(hidden, None, 0.7)
+        alone = shortlist.candidates(hidden[:1], None, 0.7)
+
+    top, order = reference.topk(32, dim=-1)
     for row in range(len(hidden)):
-        probs = torch.softmax(logits[row] / 0.7, dim=-1)
-        nucleus = ids[row][: int((probs.cumsum(0) < 0.9).sum()) + 1]
+        nucleus = order[row][: int((top[row].cumsum(0) < 0.9).sum()) + 1]
         assert set(nucleus.tolist()) <= set(short_ids[row].tolist())
+    torch.testing.assert_close(shares(logits, rest), reference.gather(1, ids))
     torch.testing.assert_close(short_logits[:, :32], logits[:, :32], atol=1e-3, rtol=1e-4)
-
     # The rest of the vocabulary enters top-p only through its total mass, from int8 logits:
-    # the candidates' probabilities stay within a percentage point of the exact head's (0.4
-    # measured on these prompts).
-    def probabilities(logits, rest):
-        total = torch.logaddexp((logits / 0.7).logsumexp(-1), rest / 0.7)
-        return (logits / 0.7 - total.unsqueeze(-1)).exp()
-
-    exact_probs = probabilities(logits, rest)
+    # the candidates' probabilities stay within a percentage point of the exact ones.
     torch.testing.assert_close(
-        probabilities(short_logits, short_rest)[:, :32], exact_probs[:, :32], atol=0.01, rtol=0.0
+        shares(short_logits, short_rest), reference.gather(1, short_ids), atol=0.01, rtol=0
     )
     # A row's candidates do not depend on the rows beside it (beyond float32 rounding, which may
     # swap near-ties among the unlikely ones).

@@ -42,25 +42,27 @@ class Head:
             self.packed = _pack_int8(weight.detach().float())
             self.path = "int8 shortlist"
 
-    def candidates(self, hidden: Any, banned: Any | None) -> tuple[Any, Any, Any]:
-        """(token ids, their logits, log of the rest's total exp-logit), each row on its own.
-
-        `banned` tokens (a boolean mask over the vocabulary) get no probability at all.
+    def candidates(
+        self, hidden: Any, banned: Any | None, temperature: float = 1.0
+    ) -> tuple[Any, Any, Any]:
+        """(token ids, their logits / temperature, log of the rest's summed exp of the same),
+        each row on its own. `banned` tokens (a mask over the vocabulary) get no probability.
         """
         import torch
 
         if self.packed is None:
-            logits = (hidden.to(self.weight.dtype) @ self.weight.T).float()
+            logits = (hidden.to(self.weight.dtype) @ self.weight.T).float() / temperature
             if banned is not None:
                 logits[:, banned] = float("-inf")
             top, ids = logits.topk(CANDIDATES, dim=-1)
             return ids, top, _rest_logsumexp(logits, ids)
         approx = torch.cat([self._int8_logits(rows) for rows in hidden.split(_ROWS)])
+        approx /= temperature
         if banned is not None:
             approx[:, banned] = float("-inf")
         ids = approx.topk(SHORTLIST, dim=-1).indices
         exact = torch.bmm(self.weight[ids], hidden.float().unsqueeze(-1)).squeeze(-1)
-        top, order = exact.topk(CANDIDATES, dim=-1)
+        top, order = (exact / temperature).topk(CANDIDATES, dim=-1)
         ids = ids.gather(1, order)
         return ids, top, _rest_logsumexp(approx, ids)
 
@@ -102,6 +104,15 @@ def _pack_int8(weight: Any) -> Any:
             return torch.ops.quantized.linear_prepack(quantised, None)
     finally:
         torch.backends.quantized.engine = previous
+
+
+def shares(logits: Any, rest: Any) -> Any:
+    """Each candidate's probability over the whole vocabulary, from its logit and the log of the
+    rest's summed exp-logits."""
+    import torch
+
+    total = torch.logaddexp(logits.logsumexp(dim=-1), rest)
+    return (logits - total.unsqueeze(-1)).exp()
 
 
 def _rest_logsumexp(logits: Any, ids: Any) -> Any:
@@ -149,11 +160,10 @@ class Sampler:
         """One token per row of final hidden states; `eos` where the question ends."""
         import torch
 
-        ids, logits, rest = head.candidates(hidden, self.ends if first else None)
-        logits = logits / self.temperature
-        rest = rest / self.temperature
-        total = torch.logaddexp(logits.logsumexp(dim=-1), rest)
-        probs = (logits - total.unsqueeze(-1)).exp()
+        # The temperature scales the logits before the rest's log-sum-exp, which it does not
+        # commute with.
+        ids, logits, rest = head.candidates(hidden, self.ends if first else None, self.temperature)
+        probs = shares(logits, rest)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = probs.cumsum(dim=-1) - probs >= self.top_p
         probs = probs.masked_fill(drop, 0.0)
