@@ -35,6 +35,7 @@ from tasks.generators import make_generator
 from tasks.generators.local import DTYPE_ENV, load_gemma, resolve_dtype
 from tasks.machine import isa_caps
 from tasks.models import MINILM, load_model
+from tasks.quantisation import Int8Linear
 from tasks.relevance import JUDGE_CACHE, MAX_PASSAGE_TOKENS, local_judge
 from tasks.report import markdown_table
 
@@ -89,9 +90,7 @@ def transformer_parameters(model) -> tuple[int, int, int]:
     total = sum(p.numel() for p in model.parameters())
     # Int8 linear layers hold their weights packed, outside `parameters()`.
     total += sum(
-        m.weight().numel()
-        for m in model.modules()
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear)
     )
     return total - vocab * hidden, vocab, hidden
 

@@ -46,8 +46,9 @@ ANSWERED = [
     ("Which city lies at the head of the Oslofjord?", 0),
 ]
 #: How far (mean log-probability per token) a path may stray from float32. Measured on this
-#: fixture: bfloat16 0.03, int8 0.84; the margins below are what the ranking needs.
-TOLERANCE = {"bfloat16": 0.25, "int8": 1.25}
+#: fixture: bfloat16 0.03-0.05, int8 0.16 (0.84 with activations scaled per batch); the margins
+#: below are what the ranking needs.
+TOLERANCE = {"bfloat16": 0.25, "int8": 0.4}
 
 
 @pytest.fixture(scope="module")

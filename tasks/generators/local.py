@@ -44,7 +44,7 @@ from tasks.generators.prompts import (
     passage_seed,
     split_questions,
 )
-from tasks.generators.sampling import Head, Sampler, int8_head_available
+from tasks.generators.sampling import Head, Sampler
 from tasks.workspace import fingerprint as hash_parts
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ DTYPES = ("float32", "bfloat16", "int8")
 def resolve_dtype(dtype: str) -> str:
     """ "auto" is bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about twice
     as fast as float32 here, and Gemma was trained in bfloat16), else float32; the environment
-    variable RAGTUNE_DTYPE, when set, decides instead. "int8" is float32 with every linear
-    layer's weights in int8 (torch's dynamic quantisation)."""
+    variable RAGTUNE_DTYPE, when set, decides instead. "int8" is float32 with the transformer
+    blocks' linear layers in int8, each row scaled on its own (`tasks.quantisation`)."""
     choices = ("auto", *DTYPES)
     if dtype not in choices:
         raise ValueError(f"dtype must be one of {', '.join(choices)}, got {dtype!r}")
@@ -143,32 +143,13 @@ def load_gemma(root: Path | None = None, dtype: str = "float32") -> tuple[Any, A
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=weights)
             model.eval()
             if dtype == "int8":
-                model = _int8_linear_layers(model)
+                # The vocabulary projection stays float32: it is tied to the embeddings, and
+                # the judge reads log-probabilities from it.
+                from tasks.quantisation import int8_linear_layers
+
+                int8_linear_layers(model, keep=("lm_head",))
             _LOADED[key] = (model, tokenizer)
         return _LOADED[key]
-
-
-def _int8_linear_layers(model: Any) -> Any:
-    """Gemma with the linear layers of its transformer blocks (attention, MLP) holding int8
-    weights, activations quantised per batch: a quarter of float32's weight traffic, and integer
-    dot products where the CPU has them (VNNI). The vocabulary projection stays float32: it is
-    tied to the embeddings, and log-probabilities are read from it."""
-    import warnings
-
-    import torch
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    layers = {
-        name: default_dynamic_qconfig
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head"
-    }
-    with warnings.catch_warnings():
-        # torch 2.13 marks the quantised tensor types deprecated; they still work, and its
-        # replacement (torchao) is not one of this project's dependencies.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return quantize_dynamic(model, layers, dtype=torch.qint8)
 
 
 def unload_gemma() -> None:
@@ -248,7 +229,9 @@ class LocalGenerator:
             raise ValueError(f"threads must be at least 1 or None, got {self.threads!r}")
         self.dtype = resolve_dtype(self.dtype)
         # The compute path in the name, so the flow's log and report say which one ran.
-        head = ", int8 head" if self.dtype != "bfloat16" and int8_head_available() else ""
+        from tasks import quantisation
+
+        head = ", int8 head" if self.dtype != "bfloat16" and quantisation.available() else ""
         self.name = f"local ({MODEL_NAME}, {self.dtype}{head})"
         self.few_shot = as_few_shot(self.few_shot)
         self.example_queries = [str(q) for q in self.example_queries]

@@ -35,11 +35,13 @@ class Head:
     """
 
     def __init__(self, weight: Any, int8: bool):
+        from tasks import quantisation
+
         self.weight = weight
         self.packed = None
         self.path = "exact"
-        if int8 and int8_head_available():
-            self.packed = _pack_int8(weight.detach().float())
+        if int8 and quantisation.available():
+            self.packed = quantisation.pack(weight)
             self.path = "int8 shortlist"
 
     def candidates(
@@ -56,7 +58,10 @@ class Head:
                 logits[:, banned] = float("-inf")
             top, ids = logits.topk(CANDIDATES, dim=-1)
             return ids, top, _rest_logsumexp(logits, ids)
-        approx = torch.cat([self._int8_logits(rows) for rows in hidden.split(_ROWS)])
+        from tasks import quantisation
+
+        parts = hidden.split(_ROWS)
+        approx = torch.cat([quantisation.product(part, self.packed) for part in parts])
         approx /= temperature
         if banned is not None:
             approx[:, banned] = float("-inf")
@@ -65,45 +70,6 @@ class Head:
         top, order = (exact / temperature).topk(CANDIDATES, dim=-1)
         ids = ids.gather(1, order)
         return ids, top, _rest_logsumexp(approx, ids)
-
-    def _int8_logits(self, hidden: Any) -> Any:
-        import torch
-
-        # Each row scaled to [-1, 1] and quantised with a fixed scale, so a row's logits do not
-        # depend on the other rows (dynamic quantisation would scale by the whole batch). 7-bit
-        # activations: AVX2's int8 dot product saturates at 16 bits with 8-bit ones.
-        peak = hidden.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            (hidden / peak).float().contiguous(), 1 / 63, 64, self.packed
-        )
-        return out * peak
-
-
-def int8_head_available() -> bool:
-    """Whether FBGEMM, torch's x86 int8 library, serves this CPU (any x86-64 with AVX2)."""
-    import torch
-
-    return "fbgemm" in torch.backends.quantized.supported_engines
-
-
-def _pack_int8(weight: Any) -> Any:
-    """FBGEMM's packed int8 copy of `weight`, one scale per vocabulary row."""
-    import warnings
-
-    import torch
-
-    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-    zeros = torch.zeros(len(weight), dtype=torch.long)
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "fbgemm"
-    try:
-        with warnings.catch_warnings():
-            # torch 2.13 marks the quantised tensor types deprecated; they still work.
-            warnings.simplefilter("ignore")
-            quantised = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
-            return torch.ops.quantized.linear_prepack(quantised, None)
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 def shares(logits: Any, rest: Any) -> Any:
