@@ -56,7 +56,7 @@ def product(x: torch.Tensor, packed: Any) -> torch.Tensor:
     """x @ weight.T in int8 with float32 output, each row of `x` scaled by its own peak, so a
     row's result is the same alone or in any batch."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    peak = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    peak = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp(min=1e-12)
     out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
         (rows / peak).contiguous(), 1 / ACTIVATION_LEVELS, _ZERO_POINT, packed
     )

@@ -77,11 +77,10 @@ def test_questions_are_question_shaped_and_about_the_passage(generated, chunks):
     assert len(set(questions)) >= len(questions) - 1, "sampled questions should differ"
 
 
-def test_the_bfloat16_path_asks_questions_about_the_passage_too(chunks):
-    """Its samples differ from float32's (and between CPUs), so only their shape is checked."""
-    [result] = make_generator("local", n=2, dtype="bfloat16", show_progress=False).generate(
-        chunks[:1]
-    )
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_other_compute_paths_ask_questions_about_the_passage_too(chunks, dtype):
+    """Their samples differ from float32's (and between CPUs), so only their shape is checked."""
+    [result] = make_generator("local", n=2, dtype=dtype, show_progress=False).generate(chunks[:1])
     assert result.error is None and 1 <= len(result.questions) <= 2
     assert result.prompt_tokens > 100 and result.completion_tokens >= 2
     for question in result.questions:

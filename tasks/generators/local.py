@@ -346,15 +346,24 @@ class LocalGenerator:
         The prompts are prefilled once and their key/value cache repeated n times, so n
         questions cost one prompt's worth of prefill, not n. A row leaves the batch as soon as
         its question ends, so the rest decode without it (questions end after ~15 tokens, the
-        longest in a batch after 40).
+        longest in a batch after 40). The cache grows in place (`kvcache`) where the sequences
+        are shorter than Gemma's sliding window, as they are for passages of a few hundred
+        tokens.
         """
         import torch
         from transformers import DynamicCache
 
+        from tasks.generators.kvcache import buffer_cache, fits
+
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         mask = enc.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+        capacity = enc.input_ids.shape[1] + self.max_new_tokens
+        cache = (
+            buffer_cache(model.config, capacity)
+            if fits(model.config, capacity)
+            else DynamicCache(config=model.config)
+        )
         hidden = model.model(
             input_ids=enc.input_ids,
             attention_mask=mask,
