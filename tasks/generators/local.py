@@ -16,8 +16,12 @@ Speed on CPU (bench/RESULTS-generation.md, bench/RESULTS-llm-speed.md): bfloat16
 has native support is about twice as fast as float32; on a busy machine one torch thread beats
 two by several times, so the thread count follows the idle cores; n questions per passage share
 one prompt prefill; a sequence leaves the batch when its question ends; on float32 weights an
-int8 copy of the vocabulary projection shortlists the next token (`tasks.generators.sampling`).
-The decoding loop is ragtune's own rather than `generate()`'s, for those last two.
+int8 copy of the vocabulary projection shortlists the next token (`tasks.generators.sampling`);
+the key/value cache grows in place instead of being copied every step (`kvcache`). The decoding
+loop is ragtune's own rather than `generate()`'s, for those last three. `dtype="int8"` puts the
+blocks' linear layers in int8 too (1.5x float32's questions/s on an AVX2-only CPU), but it is
+not what "auto" picks: its demo questions trained a model that lost its held-out gain
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
