@@ -147,10 +147,11 @@ class QueryLikelihood:
         hidden = torch.cat([states for states, _ in rows])
         targets = torch.tensor([token for _, ids in rows for token in ids])
         logprobs = []
-        for start in range(0, len(hidden), HEAD_ROWS):
-            logits = self.model.lm_head(hidden[start : start + HEAD_ROWS]).float()
-            picked = logits.gather(1, targets[start : start + HEAD_ROWS, None]).squeeze(1)
-            logprobs.append(picked - logits.logsumexp(dim=-1))
+        with torch.no_grad():
+            for start in range(0, len(hidden), HEAD_ROWS):
+                logits = self.model.lm_head(hidden[start : start + HEAD_ROWS]).float()
+                picked = logits.gather(1, targets[start : start + HEAD_ROWS, None]).squeeze(1)
+                logprobs.append(picked - logits.logsumexp(dim=-1))
         flat = torch.cat(logprobs)
         return [part.mean().item() for part in flat.split([len(ids) for _, ids in rows])]
 
