@@ -6,8 +6,9 @@ judge, a prompt's prefill) and by reading 400 MB of weights per step when they r
 the second's traffic. torch's dynamic quantisation scales the activations by the whole batch,
 so one outlier token coarsens every other and a row's result depends on its batch mates; here
 each row of activations is scaled by its own peak and each row of weights by its own. Against
-float32 on the judge's scores (NIST chunks, 8 questions x 10 candidates), that took the mean
-Spearman correlation per query from 0.43 to 0.95 (BENCHMARKS.md).
+float32 on the judge's scores (NIST chunks, 8 questions x 10 candidates) the mean Spearman
+correlation per query is 0.95; an earlier measurement of per-batch scaling, on a draw of its
+own, gave 0.43 (BENCHMARKS.md).
 
 Bits: 8 for activations, 7 for weights. AVX2's int8 product adds pairs of u8 x s8 products in
 16 bits, which saturate unless 2 x 255 x 63 < 2^15; of the two operands, the activations (with

@@ -3,13 +3,9 @@ depend on the rows beside it (torch's dynamic quantisation scales by the whole b
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from tasks import quantisation
 from tasks.quantisation import Int8Linear, int8_linear_layers, pack, product
-
-pytestmark = pytest.mark.skipif(not quantisation.available(), reason="FBGEMM needs x86-64 AVX2")
 
 
 def test_a_rows_product_is_the_same_alone_or_beside_an_outlier_row():
