@@ -34,10 +34,17 @@ MAX_PASSAGE_TOKENS = 192
 BATCH_TOKENS = 8192
 #: Question tokens per vocabulary projection: 128 x 262k float32 logits are 134 MB.
 HEAD_ROWS = 128
+#: Distinct passages whose states one batch of cached scoring holds at once (~7 MB each in
+#: float32 at 192 tokens), however many queries a caller hands over.
+PASSAGES_AT_ONCE = 64
 #: Queries whose candidates are judged together where a caller has many (evaluation, learn).
 QUERY_GROUP = 16
 #: For statement-style queries (claims, titles): the question would read as an odd continuation.
 STATEMENT_PROMPT = "Passage: {passage}\nPlease write a claim based on this passage.\nClaim:"
+
+#: A passage's keys and values (layers x heads x tokens x width each) and the hidden state after
+#: its last token, which predicts the question's first.
+PassageState = tuple[Any, Any, Any]
 
 
 class QueryLikelihood:
@@ -71,8 +78,8 @@ class QueryLikelihood:
         self.max_passage_chars = max_passage_chars
         self.max_passage_tokens = max_passage_tokens
         self.cache_size = cache_size
-        #: passage -> (its key/value states, the hidden state after its last token)
-        self.states: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        #: cut passage -> its states, the most recently read last
+        self.states: OrderedDict[str, PassageState] = OrderedDict()
 
     def score(self, question: str, passages: Sequence[str]) -> list[float]:
         """One score per passage: from cached passage states when the judge keeps them, else
@@ -85,44 +92,75 @@ class QueryLikelihood:
         """Scores of several questions' passages at once. Every (question, passage) pair is
         sorted by length and packed into batches of about `batch_tokens` padded tokens, so
         passages of unequal length pad little: 11% faster than one query at a time on
-        SciFact's abstracts, no faster on chunks of one length (BENCHMARKS.md)."""
-        if self.cache_size:
-            rows = []
-            for question, passages in items:
-                ids = self._question_ids(question)
-                rows += [(self._hidden_after(ids, passage), ids) for passage in passages]
-            scores = iter(self._question_logprobs(rows))
-            return [[next(scores) for _ in passages] for _, passages in items]
+        SciFact's abstracts, no faster on chunks of one length (BENCHMARKS.md). With the
+        passage-state cache the new passages are read in such batches, then every pair's
+        question in batches over its passage's states."""
         pairs = [
-            (self.context_ids(passage), self._question_ids(question))
+            (self.cut(passage), self._question_ids(question))
             for question, passages in items
             for passage in passages
         ]
-        order = sorted(range(len(pairs)), key=lambda i: sum(map(len, pairs[i])))
+        flat: list[float] = []
+        if self.cache_size:
+            window: list[tuple[str, list[int]]] = []
+            for pair in pairs:
+                if len({text for text, _ in window} | {pair[0]}) > PASSAGES_AT_ONCE:
+                    flat += self._score_cached(window, batch_tokens)
+                    window = []
+                window.append(pair)
+            flat += self._score_cached(window, batch_tokens)
+        else:
+            flat = self._score_fresh(
+                [(self._context_of(text), ids) for text, ids in pairs], batch_tokens
+            )
+        scores = iter(flat)
+        return [[next(scores) for _ in passages] for _, passages in items]
+
+    def _score_fresh(
+        self, pairs: Sequence[tuple[list[int], list[int]]], batch_tokens: int
+    ) -> list[float]:
         flat: list[float] = [0.0] * len(pairs)
-        batches: list[list[int]] = [[]]
-        for i in order:
-            # Sorted by length, so the newest pair is the batch's longest.
-            if batches[-1] and (len(batches[-1]) + 1) * sum(map(len, pairs[i])) > batch_tokens:
-                batches.append([])
-            batches[-1].append(i)
-        for batch in batches:
-            if batch:
-                scores = self._score_batch([pairs[j] for j in batch])
-                for j, value in zip(batch, scores, strict=True):
-                    flat[j] = value
-        out, start = [], 0
-        for _, passages in items:
-            out.append(flat[start : start + len(passages)])
-            start += len(passages)
-        return out
+        for batch in _batches([sum(map(len, pair)) for pair in pairs], batch_tokens):
+            for j, value in zip(batch, self._score_batch([pairs[j] for j in batch]), strict=True):
+                flat[j] = value
+        return flat
+
+    def _score_cached(
+        self, pairs: Sequence[tuple[str, list[int]]], batch_tokens: int
+    ) -> list[float]:
+        """Scores of (cut passage, question ids) pairs from the passages' states. A pair too
+        long for the model's sliding window is read whole instead: the padding between a
+        passage's states and its question would shift which tokens that window sees."""
+        states = self._passage_states([text for text, _ in pairs], batch_tokens)
+        window = getattr(self.model.config.get_text_config(decoder=True), "sliding_window", None)
+        lengths = [states[text][0].shape[-2] + len(ids) for text, ids in pairs]
+        cached = [i for i, length in enumerate(lengths) if window is None or length < window]
+        whole = sorted(set(range(len(pairs))) - set(cached))
+        flat: list[float] = [0.0] * len(pairs)
+        for batch in _batches([lengths[i] for i in cached], batch_tokens):
+            rows = [cached[j] for j in batch]
+            hidden = self._hidden_after([(states[pairs[i][0]], pairs[i][1]) for i in rows])
+            scores = self._question_logprobs(
+                [(h, pairs[i][1]) for h, i in zip(hidden, rows, strict=True)]
+            )
+            for i, value in zip(rows, scores, strict=True):
+                flat[i] = value
+        long = self._score_fresh(
+            [(self._context_of(pairs[i][0]), pairs[i][1]) for i in whole], batch_tokens
+        )
+        for i, value in zip(whole, long, strict=True):
+            flat[i] = value
+        return flat
 
     def _question_ids(self, question: str) -> list[int]:
         return self.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
 
     def context_ids(self, passage: str) -> list[int]:
         """The tokens the judge reads before the question: the prompt around the cut passage."""
-        return self.tokenizer(self.prompt.format(passage=self.cut(passage)))["input_ids"]
+        return self._context_of(self.cut(passage))
+
+    def _context_of(self, text: str) -> list[int]:
+        return self.tokenizer(self.prompt.format(passage=text))["input_ids"]
 
     def cut(self, passage: str) -> str:
         """The passage as the judge reads it: at most `max_passage_chars` characters, then at
@@ -141,52 +179,92 @@ class QueryLikelihood:
         vocabulary (262k for Gemma) at every position of every passage would take gigabytes.
         The projection reads all 671 MB of its float32 weights per call, so the rows of every
         question go through it together, HEAD_ROWS at a time (one call per question cost 40% of
-        the judge's time on a 10 GB/s machine)."""
+        the judge's time on a 10 GB/s machine); on float32 weights an int8 copy of it ranks the
+        vocabulary and only the shortlist is exact (`sampling.Head.logprobs`)."""
         import torch
 
+        from tasks.generators.local import vocabulary_head
+
+        head = vocabulary_head(self.model)
         hidden = torch.cat([states for states, _ in rows])
         targets = torch.tensor([token for _, ids in rows for token in ids])
-        logprobs = []
         with torch.no_grad():
-            for start in range(0, len(hidden), HEAD_ROWS):
-                logits = self.model.lm_head(hidden[start : start + HEAD_ROWS]).float()
-                picked = logits.gather(1, targets[start : start + HEAD_ROWS, None]).squeeze(1)
-                logprobs.append(picked - logits.logsumexp(dim=-1))
-        flat = torch.cat(logprobs)
+            flat = torch.cat(
+                [
+                    head.logprobs(
+                        hidden[start : start + HEAD_ROWS], targets[start : start + HEAD_ROWS]
+                    )
+                    for start in range(0, len(hidden), HEAD_ROWS)
+                ]
+            )
         return [part.mean().item() for part in flat.split([len(ids) for _, ids in rows])]
 
-    def _hidden_after(self, question_ids: list[int], passage: str) -> Any:
-        """The hidden states that predict the question's tokens after the passage, from the
-        passage's kept states."""
-        import copy
-
+    def _hidden_after(self, rows: Sequence[tuple[PassageState, list[int]]]) -> list[Any]:
+        """For each (passage state, question ids), the hidden states that predict the question's
+        tokens after the passage, all rows in one forward pass over the questions alone. Each
+        row's passage states sit at the start of a shared cache, zero-padded to the longest;
+        the mask hides the padding and the position ids continue each passage's own."""
         import torch
+        from transformers import DynamicCache
 
-        past, last = self._passage_state(passage)
+        passage = max(keys.shape[-2] for (keys, _, _), _ in rows)
+        question = max(len(ids) for _, ids in rows)
+        layers, heads, _, width = rows[0][0][0].shape
+        keys = rows[0][0][0].new_zeros(layers, len(rows), heads, passage, width)
+        values = torch.zeros_like(keys)
+        ids = torch.zeros((len(rows), question), dtype=torch.long)
+        mask = torch.zeros((len(rows), passage + question), dtype=torch.long)
+        positions = torch.zeros_like(ids)
+        for row, ((k, v, _), question_ids) in enumerate(rows):
+            n, q = k.shape[-2], len(question_ids)
+            keys[:, row, :, :n], values[:, row, :, :n] = k, v
+            ids[row, :q] = torch.tensor(question_ids)
+            mask[row, :n] = 1
+            mask[row, passage : passage + q] = 1
+            positions[row] = torch.arange(n, n + question)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(layers):
+            cache.update(keys[layer], values[layer], layer)
         with torch.no_grad():
-            # The states are extended in place by a forward pass: each question gets a copy.
             out = self.model.model(
-                input_ids=torch.tensor([question_ids]),
-                cache=copy.deepcopy(past),
-                use_cache=True,
-            )
-            return torch.cat([last[None], out.last_hidden_state[0, :-1]])
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache
+            ).last_hidden_state
+        return [
+            torch.cat([last[None], out[row, : len(question_ids) - 1]])
+            for row, ((_, _, last), question_ids) in enumerate(rows)
+        ]
 
-    def _passage_state(self, passage: str) -> tuple[Any, Any]:
+    def _passage_states(self, texts: Sequence[str], batch_tokens: int) -> dict[str, PassageState]:
+        """The states of each cut passage in `texts`: kept ones as they are, the others read in
+        padded batches. The last `cache_size` passages, in the order given, are kept after."""
         import torch
 
-        text = self.cut(passage)
-        if text in self.states:
+        distinct = list(dict.fromkeys(texts))
+        missing = [text for text in distinct if text not in self.states]
+        contexts = [self._context_of(text) for text in missing]
+        found = {text: self.states[text] for text in distinct if text in self.states}
+        for batch in _batches([len(ids) for ids in contexts], batch_tokens):
+            length = max(len(contexts[i]) for i in batch)
+            ids = torch.zeros((len(batch), length), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, : len(contexts[i])] = torch.tensor(contexts[i])
+                mask[row, : len(contexts[i])] = 1
+            with torch.no_grad():
+                out = self.model.model(input_ids=ids, attention_mask=mask, use_cache=True)
+            for row, i in enumerate(batch):
+                n = len(contexts[i])
+                found[missing[i]] = (
+                    torch.stack([layer.keys[row, :, :n] for layer in out.cache.layers]),
+                    torch.stack([layer.values[row, :, :n] for layer in out.cache.layers]),
+                    out.last_hidden_state[row, n - 1].clone(),
+                )
+        for text in distinct:
+            self.states[text] = found[text]
             self.states.move_to_end(text)
-            return self.states[text]
-        ids = self.tokenizer(self.prompt.format(passage=text))["input_ids"]
-        with torch.no_grad():
-            out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
-        state = (out.cache, out.last_hidden_state[0, -1])
-        self.states[text] = state
         while len(self.states) > self.cache_size:
             self.states.popitem(last=False)
-        return state
+        return found
 
     def _score_batch(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
         """Scores of (context ids, question ids) pairs in one right-padded forward pass."""
@@ -307,6 +385,18 @@ def is_statement(query: str) -> bool:
 
 
 T = TypeVar("T")
+
+
+def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Positions of `lengths`, shortest first, in batches of at most `batch_tokens` padded
+    tokens (at least one each), so that rows of one batch pad little."""
+    batches: list[list[int]] = [[]]
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted by length, so the newest row is the batch's longest.
+        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > batch_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return [batch for batch in batches if batch]
 
 
 def reorder_head(items: Sequence[T], order: Sequence[int]) -> list[T]:

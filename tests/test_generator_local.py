@@ -212,6 +212,32 @@ def test_the_int8_shortlist_keeps_the_exact_heads_candidates_and_logits(last_hid
     torch.testing.assert_close(alone[1][0], short_logits[0], atol=1e-4, rtol=1e-5)
 
 
+def test_the_judges_log_probabilities_from_the_int8_shortlist_match_the_exact_projection(
+    last_hidden,
+):
+    """The judge reads log P(token) for tokens the model may find unlikely: the target's logit
+    is exact whether or not the int8 ranking shortlisted it, and only the rest of the
+    vocabulary's mass comes from int8 logits (0.002 nats off at most here, where the judge's
+    scores for a question's passages lie tenths of a nat apart)."""
+    import torch
+
+    from tasks.generators.sampling import Head
+
+    weight, hidden = last_hidden
+    with torch.inference_mode():
+        reference = torch.log_softmax(hidden @ weight.T, dim=-1)
+        likely = reference.argmax(dim=-1)
+        unlikely = reference.argmin(dim=-1)
+        for targets in (likely, unlikely):
+            expected = reference.gather(1, targets[:, None]).squeeze(1)
+            torch.testing.assert_close(
+                Head(weight, int8=True).logprobs(hidden, targets), expected, atol=5e-3, rtol=0
+            )
+            torch.testing.assert_close(
+                Head(weight, int8=False).logprobs(hidden, targets), expected, atol=1e-4, rtol=0
+            )
+
+
 def test_unloading_gemma_also_frees_its_vocabulary_head(last_hidden):
     """The int8 copy and the float32 projection it points at are ~840 MB: unloading the model
     before training must drop them too (this module's last test: it unloads the shared model)."""

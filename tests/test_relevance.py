@@ -83,6 +83,11 @@ def test_cached_passage_states_give_the_fresh_scores_and_stay_within_their_bound
     kept = dict(cached.states)
     cached.score("Is Lima on the coast?", PASSAGES[1:])
     assert all(cached.states[p] is kept[p] for p in PASSAGES[1:]), "read again, not recomputed"
+    # Many queries' pairs over the kept states, in batches that mix passages of three lengths.
+    items = [(question, PASSAGES) for question, _ in ANSWERED]
+    together = cached.score_many(items, batch_tokens=100)
+    expected = np.array([fresh.score(*item) for item in items])
+    assert np.abs(np.array(together) - expected).max() <= 1e-4
     with pytest.raises(ValueError, match="cache_size"):
         local_judge(cache_size=-1)
 

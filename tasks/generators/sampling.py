@@ -71,6 +71,28 @@ class Head:
         ids = ids.gather(1, order)
         return ids, top, _rest_logsumexp(approx, ids)
 
+    def logprobs(self, hidden: Any, targets: Any) -> Any:
+        """log P(target) per row of final hidden states, over the whole vocabulary. On the int8
+        path the target's logit and the shortlist's are exact and only the rest of the
+        vocabulary's mass is int8's: the shortlist holds nearly all of it, so the log-probability
+        moves by a few thousandths of a nat (0.002 measured), where the exact projection costs
+        several times more (it reads 671 MB of float32 weights per call)."""
+        import torch
+
+        if self.packed is None:
+            logits = (hidden.to(self.weight.dtype) @ self.weight.T).float()
+            return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        from tasks import quantisation
+
+        hidden = hidden.float()
+        approx = torch.cat(
+            [quantisation.product(part, self.packed) for part in hidden.split(_ROWS)]
+        )
+        ids = approx.topk(SHORTLIST, dim=-1).indices
+        exact = torch.bmm(self.weight[ids], hidden.unsqueeze(-1)).squeeze(-1)
+        target = (self.weight[targets] * hidden).sum(dim=-1)
+        return target - torch.logaddexp(exact.logsumexp(dim=-1), _rest_logsumexp(approx, ids))
+
 
 def shares(logits: Any, rest: Any) -> Any:
     """Each candidate's probability over the whole vocabulary, from its logit and the log of the
