@@ -128,28 +128,30 @@ class QueryLikelihood:
     def _score_cached(
         self, pairs: Sequence[tuple[str, list[int]]], batch_tokens: int
     ) -> list[float]:
-        """Scores of (cut passage, question ids) pairs from the passages' states. A pair too
-        long for the model's sliding window is read whole instead: the padding between a
-        passage's states and its question would shift which tokens that window sees."""
+        """Scores of (cut passage, question ids) pairs from the passages' states. A batch whose
+        longest passage and longest question together reach the model's sliding window is read
+        whole instead: the padding between a passage's states and its question would shift
+        which tokens that window sees."""
+        from tasks.generators.kvcache import fits
+
         states = self._passage_states([text for text, _ in pairs], batch_tokens)
-        window = getattr(self.model.config.get_text_config(decoder=True), "sliding_window", None)
-        lengths = [states[text][0].shape[-2] + len(ids) for text, ids in pairs]
-        cached = [i for i, length in enumerate(lengths) if window is None or length < window]
-        whole = sorted(set(range(len(pairs))) - set(cached))
+        rows = [(states[text], ids) for text, ids in pairs]
         flat: list[float] = [0.0] * len(pairs)
-        for batch in _batches([lengths[i] for i in cached], batch_tokens):
-            rows = [cached[j] for j in batch]
-            hidden = self._hidden_after([(states[pairs[i][0]], pairs[i][1]) for i in rows])
-            scores = self._question_logprobs(
-                [(h, pairs[i][1]) for h, i in zip(hidden, rows, strict=True)]
-            )
-            for i, value in zip(rows, scores, strict=True):
+        lengths = [state[0].shape[-2] + len(ids) for state, ids in rows]
+        for batch in _batches(lengths, batch_tokens):
+            passage = max(rows[i][0][0].shape[-2] for i in batch)
+            question = max(len(rows[i][1]) for i in batch)
+            if fits(self.model.config, passage + question):
+                hidden = self._hidden_after([rows[i] for i in batch])
+                scores = self._question_logprobs(
+                    [(h, rows[i][1]) for h, i in zip(hidden, batch, strict=True)]
+                )
+            else:
+                scores = self._score_batch(
+                    [(self._context_of(pairs[i][0]), pairs[i][1]) for i in batch]
+                )
+            for i, value in zip(batch, scores, strict=True):
                 flat[i] = value
-        long = self._score_fresh(
-            [(self._context_of(pairs[i][0]), pairs[i][1]) for i in whole], batch_tokens
-        )
-        for i, value in zip(whole, long, strict=True):
-            flat[i] = value
         return flat
 
     def _question_ids(self, question: str) -> list[int]:

@@ -92,6 +92,26 @@ def test_cached_passage_states_give_the_fresh_scores_and_stay_within_their_bound
         local_judge(cache_size=-1)
 
 
+def test_cached_states_give_the_fresh_scores_where_a_batch_would_outgrow_the_sliding_window():
+    """A long passage and a long question in one batch span more than Gemma's 512-token window:
+    the padding between the short passage's states and its question must not hide them."""
+    long = " ".join(PASSAGES) * 9  # ~475 tokens with the prompt
+    question = "Which city " + "and which country " * 12 + "is on the Pacific coast?"
+    items = [("Is Oslo in Norway?", [long]), (question, PASSAGES[1:2])]
+    kwargs = {"dtype": "float32", "max_passage_tokens": None}
+    fresh = local_judge(**kwargs)
+    fresh.max_passage_chars = len(long)
+    cached = local_judge(cache_size=4, **kwargs)
+    cached.max_passage_chars = len(long)
+    passage, words = len(cached.context_ids(long)), len(cached._question_ids(question))
+    assert passage + words > 512, "the batch outgrows the window"
+    assert passage + len(cached._question_ids(items[0][0])) < 512, "each pair alone fits"
+
+    together = np.array(cached.score_many(items))
+    expected = np.array(fresh.score_many(items))
+    assert np.abs(together - expected).max() <= 1e-4
+
+
 def test_judging_many_queries_together_gives_each_query_its_own_scores(float32_scores):
     judge = local_judge(dtype="float32")
     items = [(question, PASSAGES) for question, _ in ANSWERED]
