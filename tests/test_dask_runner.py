@@ -1,7 +1,7 @@
 """task_runner="dask": generation and embedding on a real local Dask cluster of two worker
 processes give exactly what the default in-process runner gives.
 
-Both runs use the same generation batches (three chunks each, so the two workers take one batch
+Both runs use the same generation batches (two chunks each, so the two workers take one batch
 each), and the bundled Gemma samples with a seed per passage, so the questions must be equal
 text for text, not merely similar. Each run gets its own workspace: a shared question cache
 would hand the second run the first run's questions.
@@ -27,7 +27,7 @@ RUNNERS = {
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    return nist_rows(range(7, 8), "nist")[:6]
+    return nist_rows(range(7, 8), "nist")[:4]
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def ask(ws: Workspace, runner: str):
             generator="local",
             generator_settings={"max_new_tokens": 16, "threads": 1, "show_progress": False},
             questions_per_chunk=1,
-            generation_batch=3,
+            generation_batch=2,
             **RUNNERS[runner],
         )
     )
