@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from preamble import NIST_PDF, ROOT, machine
+from preamble import NIST_PDF, ROOT, command, machine
 
 from tasks.generators import Generation
 from tasks.generators import local as local_gen
@@ -146,12 +144,11 @@ def main() -> None:
         ]
     load_after = os.getloadavg()
 
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python bench/generation.py " + shlex.join(sys.argv[1:])
     text = "\n".join(
         [
             "## Question generation: local Gemma 3 270M (transformers, CPU)",
             "",
-            f"Command: `{command.strip()}`",
+            f"Command: `{command()}`",
             "",
             f"Machine: {machine()}; load average {load_before[0]:.1f} before and "
             f"{load_after[0]:.1f} after (the machine "

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preamble import ROOT, beir_folder, machine, stored_vectors
+from preamble import ROOT, beir_folder, command, machine, stored_vectors
 
 import numpy as np
 
@@ -207,7 +206,7 @@ def main() -> None:
         return ndcg, seconds
 
     common = {
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/learn.py " + " ".join(sys.argv[1:]),
+        "command": command(),
         "machine": machine(),
         "log_claims": len(log_ids),
         "eval_claims": len(eval_ids),

@@ -18,22 +18,18 @@ bench/RESULTS-llm-speed.md with the command and the machine line.
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
 
-from preamble import NIST_PDF, ROOT, machine
+from preamble import NIST_PDF, ROOT, command, machine
 
 import torch
 
 from tasks.chunking import chunk_pages
 from tasks.documents import read_document
 from tasks.generators import make_generator
-from tasks.generators.local import DTYPE_ENV, load_gemma, resolve_dtype
-from tasks.machine import isa_caps
+from tasks.generators.local import load_gemma, resolve_dtype
 from tasks.models import MINILM, load_model
 from tasks.quantisation import Int8Linear
 from tasks.relevance import JUDGE_CACHE, MAX_PASSAGE_TOKENS, local_judge
@@ -226,14 +222,9 @@ def main() -> None:
     )
     if generated:
         print(markdown_table(generated))
-    forced = f"{DTYPE_ENV}={os.environ[DTYPE_ENV]} " if os.environ.get(DTYPE_ENV) else ""
-    wrapper = "bench/avx2-only " if isa_caps() else ""
-    command = f"HF_HUB_OFFLINE=1 {forced}{wrapper}.venv/bin/python bench/" + " ".join(
-        shlex.quote(a) for a in ["llm_speed.py", *sys.argv[1:]]
-    )
     section = (
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, LLM dtype {dtype}\n\n"
-        f"Command: `{command}`\n\nMachine: {machine()}\n\n"
+        f"Command: `{command()}`\n\nMachine: {machine()}\n\n"
         "Matrix-multiply limit at Gemma's shapes (2048 tokens x 640 x 2048), GFLOP/s:\n\n"
         + markdown_table([{k: f"{v:.0f}" for k, v in limits.items()}])
         + f"\nJudge (median over {len(QUESTIONS)} questions x {args.repeats} runs, 256-token "

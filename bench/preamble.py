@@ -31,6 +31,27 @@ def machine() -> str:
     return f"{describe()}; load average {os.getloadavg()[0]:.1f}"
 
 
+def command() -> str:
+    """The command line that reproduces this run, with the settings from the environment that
+    change its numbers: the LLM's dtype, the labelled set (by folder name only, as it lives
+    somewhere on each machine) and an ISA cap (`bench/avx2-only`)."""
+    import shlex
+
+    from tasks.generators.local import DTYPE_ENV
+    from tasks.machine import isa_caps
+
+    forced = [
+        f"{DTYPE_ENV}={os.environ[DTYPE_ENV]}" if os.environ.get(DTYPE_ENV) else "",
+        f"{BEIR_ENV}=.../{Path(os.environ[BEIR_ENV]).name}" if os.environ.get(BEIR_ENV) else "",
+        "bench/avx2-only" if isa_caps() else "",
+    ]
+    script = f"bench/{Path(sys.argv[0]).name}"
+    return " ".join(
+        ["HF_HUB_OFFLINE=1", *filter(None, forced), ".venv/bin/python", script]
+        + [shlex.quote(a) for a in sys.argv[1:]]
+    )
+
+
 def beir_folder(given: Path | None) -> Path:
     """The labelled set to benchmark on: --beir, else $RAGTUNE_BEIR; an error naming both."""
     folder = given or (Path(os.environ[BEIR_ENV]) if os.environ.get(BEIR_ENV) else None)

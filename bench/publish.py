@@ -19,14 +19,12 @@ it, to bench/RESULTS-publish.md.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from preamble import NIST_PDF, ROOT, machine
+from preamble import NIST_PDF, ROOT, command, machine
 
 import numpy as np
 
@@ -232,10 +230,9 @@ def main() -> None:
         latency.append(query_latency(work / f"synthetic{size}", size, args.queries))
         print(latency[-1])
 
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python bench/publish.py " + shlex.join(sys.argv[1:])
     text = (
         "# Publish and search benchmark\n\n"
-        f"Command: `{command}`\n\n"
+        f"Command: `{command()}`\n\n"
         f"Machine: {machine()} (shared with other work); model {MINILM}, dim 384; "
         f"{len(rows)} real NIST AI 600-1 chunks of ~{tokens:.0f} tokens; "
         f"median of {args.repeats} alternated rounds; CPU s = this process's CPU time.\n\n"

@@ -27,13 +27,11 @@ import argparse
 import json
 import os
 import random
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from preamble import ROOT, beir_folder, machine
+from preamble import ROOT, beir_folder, command, machine
 
 WORKSPACE = ROOT / "bench" / "out" / "quality"
 os.environ.setdefault("PREFECT_HOME", str(WORKSPACE / ".prefect"))
@@ -246,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     record = {
         "variant": args.variant,
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py " + shlex.join(sys.argv[1:]),
+        "command": command(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "few_shot_mode": args.few_shot_mode,

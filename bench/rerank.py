@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from preamble import ROOT, beir_folder, machine, stored_vectors
+from preamble import ROOT, beir_folder, command, machine, stored_vectors
 
 import numpy as np
 from tqdm import tqdm
@@ -104,7 +103,7 @@ def main() -> None:
     # How much the weight matters (read, not tuned: the default stays 1.0, equal opinions).
     sensitivity = {w: float(np.mean(ndcg(w))) for w in (0.5, 2.0, 1000.0)}
     record = {
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py " + " ".join(sys.argv[1:]),
+        "command": command(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "claims": len(query_ids),

@@ -25,14 +25,12 @@ import argparse
 import os
 import re
 import resource
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from preamble import NIST_PDF, ROOT, machine
+from preamble import NIST_PDF, ROOT, command, machine
 
 import torch
 from datasets import Dataset
@@ -211,10 +209,9 @@ def main() -> None:
     ]
     words = statistics.mean(len(t.split()) for t in data["positive"])
     exact = all(r["exact"] for rs in runs.values() for r in rs)
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python bench/training.py " + shlex.join(sys.argv[1:])
     text = (
         "# Fine-tuning throughput benchmark\n\n"
-        f"Command: `{command.strip()}`\n\n"
+        f"Command: `{command()}`\n\n"
         f"Machine: {machine()} (shared with other work), "
         f"{'GPU' if torch.cuda.is_available() else 'no GPU'}; "
         f"model {MINILM}, MatryoshkaLoss(MNRL) dims {matryoshka_dims(384)}; {len(data)} NIST "

@@ -30,8 +30,10 @@ MAX_PASSAGE_CHARS = 1000
 #: Tokens of a passage the judge reads: on SciFact dev (first 200 claims) 192 kept re-ranking's
 #: NDCG@10 within 0.14 points of the uncut passages for 11% less time; 128 lost 0.92.
 MAX_PASSAGE_TOKENS = 192
-#: Padded tokens per forward pass when many queries' pairs are judged together.
-BATCH_TOKENS = 8192
+#: Padded tokens per forward pass when many queries' pairs are judged together: 2048 (about ten
+#: pairs) judged 16 queries' NIST chunks 10-25% faster than 8192 in bfloat16 and in float32,
+#: and SciFact's abstracts as fast (BENCHMARKS.md).
+BATCH_TOKENS = 2048
 #: Question tokens per vocabulary projection: 128 x 262k float32 logits are 134 MB.
 HEAD_ROWS = 128
 #: Distinct passages whose states one batch of cached scoring holds at once (~7 MB each in
@@ -92,7 +94,7 @@ class QueryLikelihood:
         """Scores of several questions' passages at once. Every (question, passage) pair is
         sorted by length and packed into batches of about `batch_tokens` padded tokens, so
         passages of unequal length pad little: 11% faster than one query at a time on
-        SciFact's abstracts, no faster on chunks of one length (BENCHMARKS.md). With the
+        SciFact's abstracts, 0-15% on chunks of one length (BENCHMARKS.md). With the
         passage-state cache the new passages are read in such batches, then every pair's
         question in batches over its passage's states."""
         pairs = [
@@ -214,13 +216,12 @@ class QueryLikelihood:
         layers, heads, _, width = rows[0][0][0].shape
         keys = rows[0][0][0].new_zeros(layers, len(rows), heads, passage, width)
         values = torch.zeros_like(keys)
-        ids = torch.zeros((len(rows), question), dtype=torch.long)
+        ids, _ = _right_padded([question_ids for _, question_ids in rows])
         mask = torch.zeros((len(rows), passage + question), dtype=torch.long)
         positions = torch.zeros_like(ids)
         for row, ((k, v, _), question_ids) in enumerate(rows):
             n, q = k.shape[-2], len(question_ids)
             keys[:, row, :, :n], values[:, row, :, :n] = k, v
-            ids[row, :q] = torch.tensor(question_ids)
             mask[row, :n] = 1
             mask[row, passage : passage + q] = 1
             positions[row] = torch.arange(n, n + question)
@@ -246,12 +247,7 @@ class QueryLikelihood:
         contexts = [self._context_of(text) for text in missing]
         found = {text: self.states[text] for text in distinct if text in self.states}
         for batch in _batches([len(ids) for ids in contexts], batch_tokens):
-            length = max(len(contexts[i]) for i in batch)
-            ids = torch.zeros((len(batch), length), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                ids[row, : len(contexts[i])] = torch.tensor(contexts[i])
-                mask[row, : len(contexts[i])] = 1
+            ids, mask = _right_padded([contexts[i] for i in batch])
             with torch.no_grad():
                 out = self.model.model(input_ids=ids, attention_mask=mask, use_cache=True)
             for row, i in enumerate(batch):
@@ -272,12 +268,7 @@ class QueryLikelihood:
         """Scores of (context ids, question ids) pairs in one right-padded forward pass."""
         import torch
 
-        length = max(len(context) + len(question) for context, question in pairs)
-        ids = torch.zeros((len(pairs), length), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (context, question) in enumerate(pairs):
-            ids[row, : len(context) + len(question)] = torch.tensor(context + question)
-            mask[row, : len(context) + len(question)] = 1
+        ids, mask = _right_padded([context + question for context, question in pairs])
         with torch.no_grad():
             hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
             return self._question_logprobs(
@@ -387,6 +378,18 @@ def is_statement(query: str) -> bool:
 
 
 T = TypeVar("T")
+
+
+def _right_padded(rows: Sequence[list[int]]) -> tuple[Any, Any]:
+    """Token ids and attention mask of `rows`, each padded on the right to the longest."""
+    import torch
+
+    ids = torch.zeros((len(rows), max(len(row) for row in rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

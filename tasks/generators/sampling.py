@@ -50,23 +50,13 @@ class Head:
         """(token ids, their logits / temperature, log of the rest's summed exp of the same),
         each row on its own. `banned` tokens (a mask over the vocabulary) get no probability.
         """
-        import torch
-
         if self.packed is None:
-            logits = (hidden.to(self.weight.dtype) @ self.weight.T).float() / temperature
+            logits = self._exact(hidden) / temperature
             if banned is not None:
                 logits[:, banned] = float("-inf")
             top, ids = logits.topk(CANDIDATES, dim=-1)
             return ids, top, _rest_logsumexp(logits, ids)
-        from tasks import quantisation
-
-        parts = hidden.split(_ROWS)
-        approx = torch.cat([quantisation.product(part, self.packed) for part in parts])
-        approx /= temperature
-        if banned is not None:
-            approx[:, banned] = float("-inf")
-        ids = approx.topk(SHORTLIST, dim=-1).indices
-        exact = torch.bmm(self.weight[ids], hidden.float().unsqueeze(-1)).squeeze(-1)
+        approx, ids, exact = self._shortlist(hidden, banned, temperature)
         top, order = (exact / temperature).topk(CANDIDATES, dim=-1)
         ids = ids.gather(1, order)
         return ids, top, _rest_logsumexp(approx, ids)
@@ -80,18 +70,34 @@ class Head:
         import torch
 
         if self.packed is None:
-            logits = (hidden.to(self.weight.dtype) @ self.weight.T).float()
+            logits = self._exact(hidden)
             return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        approx, ids, exact = self._shortlist(hidden, None, 1.0)
+        target = (self.weight[targets] * hidden.float()).sum(dim=-1)
+        return target - torch.logaddexp(exact.logsumexp(dim=-1), _rest_logsumexp(approx, ids))
+
+    def _exact(self, hidden: Any) -> Any:
+        return (hidden.to(self.weight.dtype) @ self.weight.T).float()
+
+    def _shortlist(
+        self, hidden: Any, banned: Any | None, temperature: float
+    ) -> tuple[Any, Any, Any]:
+        """(int8 logits / temperature over the whole vocabulary, the SHORTLIST best ids by them,
+        those ids' exact logits, not divided)."""
+        import torch
+
         from tasks import quantisation
 
         hidden = hidden.float()
         approx = torch.cat(
             [quantisation.product(part, self.packed) for part in hidden.split(_ROWS)]
         )
+        approx /= temperature
+        if banned is not None:
+            approx[:, banned] = float("-inf")
         ids = approx.topk(SHORTLIST, dim=-1).indices
         exact = torch.bmm(self.weight[ids], hidden.unsqueeze(-1)).squeeze(-1)
-        target = (self.weight[targets] * hidden).sum(dim=-1)
-        return target - torch.logaddexp(exact.logsumexp(dim=-1), _rest_logsumexp(approx, ids))
+        return approx, ids, exact
 
 
 def shares(logits: Any, rest: Any) -> Any:
