@@ -25,6 +25,7 @@ from preamble import NIST_PDF, ROOT, command, machine
 
 from tasks.generators import Generation
 from tasks.generators import local as local_gen
+from tasks.machine import idle_cores
 from tasks.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-generation.md"
@@ -58,7 +59,7 @@ def timed_load(cache: Path, dtype: str) -> float:
 
 def run(label: str, chunks: list[str], **settings: object) -> tuple[dict, dict, list[str]]:
     """One timed generation; returns a speed row, a shape row and a few sample questions."""
-    settings.setdefault("threads", local_gen.idle_cores())
+    settings.setdefault("threads", idle_cores())
     gen = local_gen.LocalGenerator(show_progress=True, **settings)  # type: ignore[arg-type]
     start = time.perf_counter()
     results: list[Generation] = gen.generate(chunks)

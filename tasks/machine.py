@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+import time
 from pathlib import Path
 
 #: The CPU flags that decide which kernels torch, oneDNN and numpy run.
@@ -21,6 +23,53 @@ ISA_CAPS = (
     "MKL_ENABLE_INSTRUCTIONS",
     "FBGEMM_ENABLE_INSTRUCTIONS",
 )
+
+
+def _busy_sample() -> tuple[float, float, float] | None:
+    """(wall seconds, CPU seconds the whole machine has been busy, this process's CPU seconds),
+    or None where /proc/stat cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as handle:
+            user, nice, system, _idle, _iowait, irq, softirq = map(
+                int, handle.readline().split()[1:8]
+            )
+    except (OSError, ValueError):
+        return None
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, time.process_time()
+
+
+_LAST_SAMPLE = {"sample": _busy_sample(), "others": None}
+_SAMPLE_LOCK = threading.Lock()
+
+
+def others_busy() -> float:
+    """Cores that other processes have kept busy since the previous call (or since this module
+    was imported), at least one second back: the machine's busy CPU time less this process's
+    own. The 1-minute load average, the fallback where /proc/stat is missing, counts this
+    process's own work too, so a generator asked batch after batch read its own first batch
+    as someone else's and ran every later batch on one thread of two, 1.5x slower."""
+    with _SAMPLE_LOCK:
+        now, last = _busy_sample(), _LAST_SAMPLE["sample"]
+        if now is None or last is None:
+            return os.getloadavg()[0]
+        wall = now[0] - last[0]
+        if wall >= 1.0:
+            own = now[2] - last[2]
+            _LAST_SAMPLE["others"] = max(0.0, (now[1] - last[1] - own) / wall)
+            _LAST_SAMPLE["sample"] = now
+        others = _LAST_SAMPLE["others"]
+        return os.getloadavg()[0] if others is None else others
+
+
+def idle_cores() -> int:
+    """Cores this process may use minus those other processes keep busy, at least 1, at most 8.
+
+    On a busy machine extra torch threads wait on each other: with 2 cores and a load of 8,
+    two threads ran a decoding step 8x slower than one (bench/RESULTS-generation.md).
+    """
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(8, cores - round(others_busy())))
 
 
 def cpu_model() -> str:

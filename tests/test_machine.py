@@ -1,6 +1,12 @@
-"""The machine line CI and the benchmarks print first."""
+"""The machine line CI and the benchmarks print first, and how many cores are free."""
 
-from tasks.machine import FLAGS, cpu_flags, cpu_model, describe
+import subprocess
+import sys
+import time
+
+from tasks.machine import FLAGS, cpu_flags, cpu_model, describe, others_busy
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass"
 
 
 def test_the_machine_line_names_the_cpu_its_flags_and_the_llm_dtype(monkeypatch):
@@ -24,3 +30,18 @@ def test_an_isa_capped_below_bf16_picks_float32_and_says_so(monkeypatch):
     assert native_bf16() is False
     assert resolve_dtype("auto") == "float32"
     assert "capped by ONEDNN_MAX_CPU_ISA=AVX2;" in describe()
+
+
+def test_others_busy_counts_another_processs_work_and_not_this_ones():
+    """The generator asks for free cores before every batch; its own last batch must not count
+    as someone else's work, or every batch after the first runs on one thread."""
+    others_busy()
+    started, cpu = time.monotonic(), time.process_time()
+    exec(BURN.format(s=1.5))
+    own = (time.process_time() - cpu) / (time.monotonic() - started)
+    assert others_busy() < own - 0.5
+
+    others_busy()
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", BURN.format(s=1.5)], check=True)
+    assert others_busy() > 0.75 * 1.5 / (time.monotonic() - started)

@@ -49,6 +49,7 @@ from tasks.generators.prompts import (
     split_questions,
 )
 from tasks.generators.sampling import Head, Sampler
+from tasks.machine import idle_cores
 from tasks.workspace import fingerprint as hash_parts
 
 log = logging.getLogger(__name__)
@@ -176,16 +177,6 @@ def vocabulary_head(model: Any) -> Head:
         if id(model) not in _HEADS:
             _HEADS[id(model)] = Head(weight, int8=weight.dtype == torch.float32)
         return _HEADS[id(model)]
-
-
-def idle_cores() -> int:
-    """Cores this process may use minus the 1-minute load average, at least 1, at most 8.
-
-    On a busy machine extra torch threads wait on each other: with 2 cores and a load of 8,
-    two threads ran a decoding step 8x slower than one (bench/RESULTS-generation.md).
-    """
-    cores = len(os.sched_getaffinity(0))
-    return max(1, min(8, cores - round(os.getloadavg()[0])))
 
 
 @dataclass
