@@ -212,18 +212,17 @@ class QueryLikelihood:
         from transformers import DynamicCache
 
         passage = max(keys.shape[-2] for (keys, _, _), _ in rows)
-        question = max(len(ids) for _, ids in rows)
         layers, heads, _, width = rows[0][0][0].shape
         keys = rows[0][0][0].new_zeros(layers, len(rows), heads, passage, width)
         values = torch.zeros_like(keys)
-        ids, _ = _right_padded([question_ids for _, question_ids in rows])
-        mask = torch.zeros((len(rows), passage + question), dtype=torch.long)
+        ids, question_mask = _right_padded([question_ids for _, question_ids in rows])
+        question = ids.shape[1]
+        mask = torch.cat([torch.zeros((len(rows), passage), dtype=torch.long), question_mask], 1)
         positions = torch.zeros_like(ids)
-        for row, ((k, v, _), question_ids) in enumerate(rows):
-            n, q = k.shape[-2], len(question_ids)
+        for row, ((k, v, _), _) in enumerate(rows):
+            n = k.shape[-2]
             keys[:, row, :, :n], values[:, row, :, :n] = k, v
             mask[row, :n] = 1
-            mask[row, passage : passage + q] = 1
             positions[row] = torch.arange(n, n + question)
         cache = DynamicCache(config=self.model.config)
         for layer in range(layers):
