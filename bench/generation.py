@@ -23,10 +23,10 @@ from pathlib import Path
 
 from preamble import NIST_PDF, ROOT, command, machine
 
-from tasks.generators import Generation
-from tasks.generators import local as local_gen
-from tasks.machine import idle_cores
-from tasks.report import markdown_table
+from tasks.llm.machine import idle_cores
+from tasks.questions.writers import Generation
+from tasks.questions.writers import local as local_gen
+from tasks.retrieval.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-generation.md"
 QUESTION_START = re.compile(
@@ -40,8 +40,8 @@ def demo_chunks(count: int) -> list[str]:
     """The demo corpus chunked like the ingest flow (256 MiniLM tokens, 32 overlap)."""
     from transformers import AutoTokenizer
 
-    from tasks.chunking import chunk_pages
-    from tasks.documents import read_document
+    from tasks.ingest.chunking import chunk_pages
+    from tasks.ingest.documents import read_document
     from tasks.models import MINILM, resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(MINILM))

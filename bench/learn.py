@@ -1,9 +1,9 @@
 """Benchmark learning from a query log on real human queries (SciFact dev).
 
-The 809 dev claims are split 50/50 by the seeded held-out rule of `tasks.querylog` into a *log*
-half, whose texts play the users' logged queries (their human judgements are never read for
+The 809 dev claims are split 50/50 by the seeded held-out rule of `tasks.learn.querylog` into
+a *log* half, whose texts play the users' logged queries (their human judgements are never read for
 training), and an *evaluation* half. Zero-shot MiniLM retrieves the top K abstracts of every log
-claim, the bundled judge scores them (`tasks.learning.judge_queries`, cached in
+claim, the bundled judge scores them (`tasks.learn.rows.judge_queries`, cached in
 `bench/out/learn/`), the rows of each label form train MiniLM, and the tuned model is scored
 on the evaluation half against the human judgements: NDCG@10 at full width, the paired
 bootstrap interval against zero-shot, and the same with the judge re-ranking each model's top
@@ -29,21 +29,21 @@ from preamble import ROOT, beir_folder, command, machine, stored_vectors
 
 import numpy as np
 
-from tasks.beir import load_beir
-from tasks.evaluation import (
+from tasks.learn.judgements import Judgements
+from tasks.learn.judges import LocalJudge
+from tasks.learn.querylog import is_held_out
+from tasks.learn.rows import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
+from tasks.models import MINILM, load_model
+from tasks.retrieval.beir import load_beir
+from tasks.retrieval.evaluation import (
     ModelEval,
     distinct,
     evaluate_embeddings,
     paired_bootstrap,
     ranking_metrics,
 )
-from tasks.judgements import Judgements
-from tasks.judges import LocalJudge
-from tasks.learning import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
-from tasks.models import MINILM, load_model
-from tasks.querylog import is_held_out
-from tasks.relevance import reorder_head
-from tasks.training import train
+from tasks.retrieval.rerank import reorder_head
+from tasks.training.trainer import train
 from tasks.workspace import rows_to_dataset
 
 OUT = ROOT / "bench" / "out" / "learn"

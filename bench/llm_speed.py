@@ -2,8 +2,8 @@
 
 First the machine's limit: matrix-multiply throughput at the shapes Gemma 3 270M uses (tokens x
 640 hidden x 2048 MLP), in float32, bfloat16 and, through torch's dynamic int8 quantisation of
-linear layers, int8. Then the work: the judge (`tasks.relevance`) scoring the top 5, 10 and 20
-candidates of real questions against real NIST AI 600-1 chunks, and the generator writing
+linear layers, int8. Then the work: the judge (`tasks.llm.likelihood`) scoring the top 5, 10
+and 20 candidates of real questions against real NIST AI 600-1 chunks, and the generator writing
 questions, each as time per unit of work, the FLOPs that unit needs (2 x parameters x tokens
 through the transformer, plus the vocabulary projection where logits are read) and so the
 share of the measured limit reached.
@@ -26,14 +26,15 @@ from preamble import NIST_PDF, ROOT, command, machine
 
 import torch
 
-from tasks.chunking import chunk_pages
-from tasks.documents import read_document
-from tasks.generators import make_generator
-from tasks.generators.local import load_gemma, resolve_dtype
+from tasks.ingest.chunking import chunk_pages
+from tasks.ingest.documents import read_document
+from tasks.llm.gemma import load_gemma
+from tasks.llm.likelihood import JUDGE_CACHE, MAX_PASSAGE_TOKENS, local_judge
+from tasks.llm.machine import resolve_dtype
+from tasks.llm.quantisation import Int8Linear
 from tasks.models import MINILM, load_model
-from tasks.quantisation import Int8Linear
-from tasks.relevance import JUDGE_CACHE, MAX_PASSAGE_TOKENS, local_judge
-from tasks.report import markdown_table
+from tasks.questions.writers import make_generator
+from tasks.retrieval.report import markdown_table
 
 RESULTS = ROOT / "bench" / "RESULTS-llm-speed.md"
 #: Real questions a NIST AI 600-1 reader asks; the judge's cost depends on lengths, not answers.

@@ -31,7 +31,7 @@ def main() -> None:
 
     from flows.pipeline import PipelineParams, pipeline
     from flows.refresh import refresh
-    from tasks.generators.local import cache_root
+    from tasks.llm.gemma import cache_root
 
     out = Path(args.out).resolve()
     if out.exists():

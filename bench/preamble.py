@@ -26,7 +26,7 @@ BEIR_ENV = "RAGTUNE_BEIR"
 
 def machine() -> str:
     """The CPU, its flags, torch and its threads, and the load average right now."""
-    from tasks.machine import describe
+    from tasks.llm.machine import describe
 
     return f"{describe()}; load average {os.getloadavg()[0]:.1f}"
 
@@ -37,8 +37,7 @@ def command() -> str:
     somewhere on each machine) and an ISA cap (`bench/avx2-only`)."""
     import shlex
 
-    from tasks.generators.local import DTYPE_ENV
-    from tasks.machine import isa_caps
+    from tasks.llm.machine import DTYPE_ENV, isa_caps
 
     forced = [
         f"{DTYPE_ENV}={os.environ[DTYPE_ENV]}" if os.environ.get(DTYPE_ENV) else "",

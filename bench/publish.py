@@ -1,12 +1,12 @@
 """Benchmark publishing to Chroma and querying it.
 
-1. Publish throughput (chunks/s) of `tasks.store.publish` against the floor it cannot beat:
+1. Publish throughput (chunks/s) of `tasks.store.chroma.publish` against the floor it cannot beat:
    plain `model.encode` + `collection.upsert` of the same chunks, in the same run, alternated
    (ABAB) so that load from other processes hits both alike. Also: re-publishing the unchanged
    corpus (embeds nothing) and a corpus with 10% new chunks (copies the rest).
 2. Query latency p50/p95 of the store part of search (resolve the alias, `collection.query`,
    k=5) at several collection sizes, with synthetic normalised vectors; and of a whole
-   `store.search` (embedding the query with the bundled MiniLM) on the real chunks.
+   `chroma.search` (embedding the query with the bundled MiniLM) on the real chunks.
 
 Chunks are real: the demo PDF (NIST AI 600-1) read and chunked as the ingest flow does
 (128-token chunks), repeated with a marker when more are asked for than the PDF holds.
@@ -28,9 +28,9 @@ from preamble import NIST_PDF, ROOT, command, machine
 
 import numpy as np
 
-from tasks import store
 from tasks.models import MINILM, cached_model
-from tasks.report import markdown_table
+from tasks.retrieval.report import markdown_table
+from tasks.store import chroma
 
 RESULTS = ROOT / "bench" / "RESULTS-publish.md"
 
@@ -38,8 +38,8 @@ RESULTS = ROOT / "bench" / "RESULTS-publish.md"
 def real_chunks(model, n: int) -> list[dict]:
     from dataclasses import asdict
 
-    from tasks.chunking import chunk_id, chunk_pages
-    from tasks.documents import read_document
+    from tasks.ingest.chunking import chunk_id, chunk_pages
+    from tasks.ingest.documents import read_document
 
     base = [
         asdict(c)
@@ -66,7 +66,7 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
 
 def plain_publish(path: Path, rows: list[dict], model) -> tuple[float, float]:
     """The floor: encode everything at once, upsert in max-size batches, nothing else."""
-    client = store.connect(path)
+    client = chroma.connect(path)
     start = clock()
     vectors = model.encode(
         [r["text"] for r in rows], normalize_embeddings=True, show_progress_bar=False
@@ -88,10 +88,10 @@ def plain_publish(path: Path, rows: list[dict], model) -> tuple[float, float]:
 
 def ragtune_publish(
     path: Path, rows: list[dict], model
-) -> tuple[tuple[float, float], store.PublishResult]:
-    client = store.connect(path)
+) -> tuple[tuple[float, float], chroma.PublishResult]:
+    client = chroma.connect(path)
     start = clock()
-    result = store.publish(client, rows, model, MINILM, 384)
+    result = chroma.publish(client, rows, model, MINILM, 384)
     return since(start), result
 
 
@@ -103,7 +103,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 def query_latency(path: Path, size: int, queries: int, seed: int = 0) -> dict:
     """Alias resolution + `collection.query` (k=5) on `size` random unit vectors of dim 384."""
     rng = np.random.default_rng(seed)
-    client = store.connect(path)
+    client = chroma.connect(path)
     collection = client.create_collection(
         f"synthetic__d384__{size}",
         embedding_function=None,
@@ -124,14 +124,14 @@ def query_latency(path: Path, size: int, queries: int, seed: int = 0) -> dict:
         )
     load_s = time.perf_counter() - start
     # The bench points an alias at the synthetic collection the way publish does.
-    store._write_alias(client, "bench", store._Alias(collection.name, []))
+    chroma._write_alias(client, "bench", chroma._Alias(collection.name, []))
     probes = rng.standard_normal((queries, 384)).astype(np.float32)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
-    store.resolve_alias(client, "bench").query(query_embeddings=probes[:1], n_results=5)
+    chroma.resolve_alias(client, "bench").query(query_embeddings=probes[:1], n_results=5)
     samples = []
     for probe in probes:
         t = time.perf_counter()
-        live = store.resolve_alias(client, "bench")
+        live = chroma.resolve_alias(client, "bench")
         live.query(query_embeddings=probe[None, :], n_results=5, include=["documents", "metadatas"])
         samples.append(time.perf_counter() - t)
     p50, p95 = percentiles(samples)
@@ -144,17 +144,17 @@ def query_latency(path: Path, size: int, queries: int, seed: int = 0) -> dict:
 
 
 def search_latency(path: Path, rows: list[dict], queries: int) -> dict:
-    client = store.connect(path)
+    client = chroma.connect(path)
     texts = [" ".join(r["text"].split()[:12]) for r in rows[:queries]]
-    store.search(client, "docs", texts[0])
+    chroma.search(client, "docs", texts[0])
     samples = []
     for text in texts:
         t = time.perf_counter()
-        store.search(client, "docs", text, k=5)
+        chroma.search(client, "docs", text, k=5)
         samples.append(time.perf_counter() - t)
     p50, p95 = percentiles(samples)
     return {
-        "what": f"store.search (embeds the query), {len(rows):,} real chunks",
+        "what": f"chroma.search (embeds the query), {len(rows):,} real chunks",
         "p50 ms": p50,
         "p95 ms": p95,
         "note": "MiniLM query embedding included",
@@ -211,7 +211,7 @@ def main() -> None:
     throughput = [
         row("plain encode + upsert (floor)", n, median(plain, 0), median(plain, 1)),
         row(
-            "tasks.store.publish, new corpus",
+            "tasks.store.chroma.publish, new corpus",
             n,
             median(ours, 0),
             median(ours, 1),

@@ -40,15 +40,15 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import numpy as np  # noqa: E402
 
-from tasks.evaluation import (  # noqa: E402
+from tasks.models import MINILM, load_model  # noqa: E402
+from tasks.questions.fewshot import LabelledSplit, check_held_out, check_training, labelled_split  # noqa: E402
+from tasks.retrieval.evaluation import (  # noqa: E402
     ModelEval,
     evaluate_model,
     gate,
     intervals_by_dim,
     matryoshka_eval_dims,
 )
-from tasks.fewshot import LabelledSplit, check_held_out, check_training, labelled_split  # noqa: E402
-from tasks.models import MINILM, load_model  # noqa: E402
 from tasks.workspace import Workspace, fingerprint, load_rows  # noqa: E402
 
 HEADLINE_DIM = 384
@@ -116,8 +116,8 @@ def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace
     through the flows a user runs; returns the counts and timings."""
     from flows.ingest import IngestParams, ingest
     from flows.questions import QuestionParams, ask
-    from tasks.generators import make_generator
-    from tasks.generators.local import unload_gemma
+    from tasks.llm.gemma import unload_gemma
+    from tasks.questions.writers import make_generator
 
     t = time.perf_counter()
     ingested = ingest(

@@ -3,7 +3,7 @@
 Zero-shot MiniLM retrieves the top `--top` abstracts for each of the 801 evaluated dev claims
 (the same 8 claims as `bench/quality.py` are set aside, so the numbers compare); the bundled Gemma
 3 270M then scores each candidate by the log-probability of the claim after the abstract, and
-`tasks.relevance.rerank_order` mixes both scores. NDCG@10 with and without re-ranking, paired
+`tasks.retrieval.rerank.rerank_order` mixes both scores. NDCG@10 with and without re-ranking, paired
 bootstrap interval, and the judge's wall time per query (amortised over `--group` claims judged
 together). CPU heavy (one LLM pass per candidate); the corpus's MiniLM vectors are kept in
 bench/out/rerank/ after the first run.
@@ -23,17 +23,11 @@ from preamble import ROOT, beir_folder, command, machine, stored_vectors
 import numpy as np
 from tqdm import tqdm
 
-from tasks.evaluation import paired_bootstrap, ranking_metrics
-from tasks.fewshot import labelled_split
+from tasks.llm.likelihood import MAX_PASSAGE_TOKENS, local_judge_name, score_grouped, style_judges
 from tasks.models import MINILM, load_model
-from tasks.relevance import (
-    MAX_PASSAGE_TOKENS,
-    local_judge_name,
-    reorder_head,
-    rerank_order,
-    score_grouped,
-    style_judges,
-)
+from tasks.questions.fewshot import labelled_split
+from tasks.retrieval.evaluation import paired_bootstrap, ranking_metrics
+from tasks.retrieval.rerank import reorder_head, rerank_order
 
 OUT = ROOT / "bench" / "out" / "rerank"
 

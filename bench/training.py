@@ -4,7 +4,7 @@ Both train the bundled MiniLM with MatryoshkaLoss(MNRL) on the same pairs with t
 (batch 32, max_seq_length 128, 1 epoch, lr 5e-5, 10% warmup, no-duplicates batches, seed 42)
 and save the model; each is timed end to end (load, train, save), back to back in one process,
 alternated (ABAB...) so that load from other processes hits both alike. ragtune's path
-(`tasks.training.train`, what the finetune flow runs) adds per-step loss checks, checkpoint
+(`tasks.training.trainer.train`, what the finetune flow runs) adds per-step loss checks, checkpoint
 bookkeeping, prompts and `ragtune.json`; the target is >= 0.95 of the plain pairs/s.
 
 Pairs are simple and real: the demo PDF (NIST AI 600-1) chunked at 128 tokens, the first
@@ -37,8 +37,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from tasks.models import MINILM, load_model
-from tasks.report import markdown_table
-from tasks.training import matryoshka_dims, train
+from tasks.retrieval.report import markdown_table
+from tasks.training.recipes import matryoshka_dims
+from tasks.training.trainer import train
 
 RESULTS = ROOT / "bench" / "RESULTS-training.md"
 SETTINGS = {
@@ -52,8 +53,8 @@ SETTINGS = {
 
 
 def nist_pairs(n: int) -> Dataset:
-    from tasks.chunking import chunk_pages
-    from tasks.documents import read_document
+    from tasks.ingest.chunking import chunk_pages
+    from tasks.ingest.documents import read_document
 
     tokenizer = load_model(MINILM).tokenizer
     chunks = chunk_pages(read_document(NIST_PDF), tokenizer, max_tokens=128, overlap=16)
@@ -204,7 +205,7 @@ def main() -> None:
         }
         for name, label in (
             ("plain", "plain SentenceTransformerTrainer script"),
-            ("ragtune", "tasks.training.train (finetune flow)"),
+            ("ragtune", "tasks.training.trainer.train (finetune flow)"),
         )
     ]
     words = statistics.mean(len(t.split()) for t in data["positive"])

@@ -196,14 +196,14 @@ def print_search(params: Any) -> list[dict[str, Any]]:
 
 
 def rollback(params: Any) -> None:
-    from tasks.store import rollback as roll_back
+    from tasks.store.chroma import rollback as roll_back
 
     live = roll_back(params.open_store(), params.alias, on_wait=print_waiting)
     click.echo(f"{params.alias} -> {live}")
 
 
 def prune(params: Any) -> None:
-    from tasks.store import remove_unaliased
+    from tasks.store.chroma import remove_unaliased
 
     removed = remove_unaliased(params.open_store(), on_wait=print_waiting)
     click.echo(f"removed {len(removed)} unaliased version(s)")
@@ -212,7 +212,7 @@ def prune(params: Any) -> None:
 
 
 def unlock(params: Any) -> None:
-    from tasks.locks import break_lock
+    from tasks.store.locks import break_lock
 
     holder = break_lock(params.open_store())
     click.echo(

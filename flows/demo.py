@@ -34,10 +34,10 @@ class Example:
 def answered_example(workspace: str, base_model: str, tuned_model: str, dim: int) -> Example | None:
     """The first of the held-out questions whose own chunk the judge ranks above the tuned
     model's top other chunks, with that chunk's rank (None: beyond 100) under both models."""
-    from tasks.evaluation import evaluate_model
+    from tasks.llm.likelihood import style_judges
     from tasks.models import load_model
-    from tasks.relevance import style_judges
-    from tasks.training_data import held_out_queries
+    from tasks.retrieval.evaluation import evaluate_model
+    from tasks.training.data import held_out_queries
     from tasks.workspace import Workspace, load_rows
 
     ws = Workspace.at(workspace)

@@ -16,8 +16,10 @@ from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact, table
 from flows.params import Params
-from tasks.beir import load_beir
-from tasks.evaluation import (
+from tasks.llm.likelihood import local_judge_name
+from tasks.models import MINILM, load_model
+from tasks.retrieval.beir import load_beir
+from tasks.retrieval.evaluation import (
     MetricsError,
     ModelEval,
     evaluate_model,
@@ -26,10 +28,15 @@ from tasks.evaluation import (
     matryoshka_eval_dims,
     regressions,
 )
-from tasks.models import MINILM, load_model
-from tasks.relevance import local_judge_name, rerank_evaluation
-from tasks.report import card_section, dim_rows, report_markdown, update_model_card, write_report
-from tasks.training_data import held_out_queries
+from tasks.retrieval.report import (
+    card_section,
+    dim_rows,
+    report_markdown,
+    update_model_card,
+    write_report,
+)
+from tasks.retrieval.rerank import rerank_evaluation
+from tasks.training.data import held_out_queries
 from tasks.workspace import Workspace, load_rows
 
 

@@ -1,8 +1,9 @@
 """Finetune: the workspace's questions (or a user's own pairs) → a tuned embedding model.
 
-Trains with a named recipe (tasks.training.RECIPES), evaluates on the held-out questions against
-every chunk while training, and saves the model with its card under `models/<name>/`. The
-dashboard gets a progress bar while it trains, then the loss curve and where the card is.
+Trains with a named recipe (`tasks.training.trainer.RECIPES`), evaluates on the held-out
+questions against every chunk while training, and saves the model with its card under
+`models/<name>/`. The dashboard gets a progress bar while it trains, then the loss curve and
+where the card is.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pydantic import BaseModel, Field
 from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
 from tasks.models import MINILM, model_tag
-from tasks.report import markdown_table
-from tasks.training import DEFAULT_RECIPE, RECIPES, TrainResult, get_recipe, train
-from tasks.training_data import held_out_queries, load_pairs, mix, pairs_from_questions
+from tasks.retrieval.report import markdown_table
+from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
+from tasks.training.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from tasks.training.trainer import TrainResult, train
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.

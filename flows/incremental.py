@@ -85,6 +85,6 @@ def _result_class(flow: Callable) -> type[BaseModel]:
 
 def sources_key(sources: list[str]) -> str:
     """The first key of a run: the content of every source document."""
-    from tasks.documents import find_documents
+    from tasks.ingest.documents import find_documents
 
     return fingerprint_files(path for path, _root in find_documents(sources))

@@ -14,10 +14,10 @@ from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
-from tasks.chunking import chunk_pages, max_chunk_tokens
-from tasks.documents import RecordFields, read_documents
+from tasks.ingest.chunking import chunk_pages, max_chunk_tokens
+from tasks.ingest.documents import RecordFields, read_documents
 from tasks.models import MINILM, cached_model
-from tasks.report import markdown_table
+from tasks.retrieval.report import markdown_table
 from tasks.workspace import Workspace, fingerprint_rows, save_rows
 
 

@@ -20,9 +20,10 @@ from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
-from tasks.judgements import Judgements
-from tasks.judges import JUDGES, make_judge
-from tasks.learning import (
+from tasks.learn.judgements import Judgements
+from tasks.learn.judges import JUDGES, make_judge
+from tasks.learn.querylog import LOG_NAME, read_queries, unique_queries
+from tasks.learn.rows import (
     JudgedQuery,
     LabelForm,
     Retrieval,
@@ -33,8 +34,7 @@ from tasks.learning import (
     training_rows,
 )
 from tasks.models import MINILM, load_model
-from tasks.querylog import LOG_NAME, read_queries, unique_queries
-from tasks.report import markdown_table
+from tasks.retrieval.report import markdown_table
 from tasks.workspace import Workspace, load_rows, save_rows
 
 

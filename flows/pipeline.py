@@ -26,7 +26,7 @@ from flows.publish import PublishParams, PublishSettings, publish
 from flows.questions import QuestionParams, QuestionSettings, questions
 from flows.runners import RunnerParams
 from flows.search import StoreParams
-from tasks.report import markdown_table
+from tasks.retrieval.report import markdown_table
 from tasks.workspace import Workspace, fingerprint_files
 
 

@@ -1,9 +1,10 @@
 """Publish: embed the workspace's chunks with a model and point an alias at the result.
 
 The work (versioned collection, copy-not-re-embed, count check, alias swap, pruning) is in
-`tasks.store.publish`, and one publisher at a time is `tasks.locks`; this flow chooses defaults
-(the newest model in the workspace at its full width, the model's own prompts), says in the log
-and the dashboard when it waits for another publisher, and reports what it published.
+`tasks.store.chroma.publish`, and one publisher at a time is `tasks.store.locks`; this flow
+chooses defaults (the newest model in the workspace at its full width, the model's own
+prompts), says in the log and the dashboard when it waits for another publisher, and reports
+what it published.
 With `task_runner="dask"` the chunks that need embedding are encoded in shards on Dask workers
 (`flows.runners`); the store is written from this process only.
 """
@@ -24,10 +25,10 @@ from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
 from flows.runners import RunnerParams, fan_out, started_on_first_use, worker_slots
 from flows.search import StoreParams
-from tasks import store
-from tasks.locks import Holder
 from tasks.models import cached_model, load_model, model_prompts
-from tasks.report import markdown_table
+from tasks.retrieval.report import markdown_table
+from tasks.store import chroma
+from tasks.store.locks import Holder
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 if TYPE_CHECKING:
@@ -89,18 +90,18 @@ def report_waiting(holder: Holder | None) -> None:
 @task(name="embed-shard", cache_policy=NO_CACHE, persist_result=False)
 def embed_shard(model_ref: str, texts: list[str], prompt: str, dim: int) -> np.ndarray:
     """One shard of texts, on whichever worker runs it (the model loads once per process)."""
-    return store.embed(cached_model(model_ref), texts, prompt, dim)
+    return chroma.embed(cached_model(model_ref), texts, prompt, dim)
 
 
 def embed_on(
     runner: Callable[[], DaskTaskRunner], model_ref: str, prompt: str, dim: int
-) -> store.EmbedTexts:
+) -> chroma.EmbedTexts:
     """Embed texts as one `embed_shard` task per worker thread of the Dask cluster, in order.
 
     Workers load the model by reference, so a folder must be at the same path on every worker
     (a shared volume), or be a hub id the workers can load.
     """
-    model_ref = store.portable_ref(model_ref)
+    model_ref = chroma.portable_ref(model_ref)
 
     def run(texts: list[str]) -> np.ndarray:
         dask = runner()
@@ -121,13 +122,13 @@ def nudged(
     model_ref: str,
     prompts: tuple[str, str],
     dim: int,
-    embed_texts: store.EmbedTexts | None,
+    embed_texts: chroma.EmbedTexts | None,
     settings: PublishSettings,
-) -> tuple[store.EmbedTexts, str]:
+) -> tuple[chroma.EmbedTexts, str]:
     """An embedder that nudges the chunks `learn` recorded choices for (`learned/nudge.json`)
     towards their queries, and the identity of the weights plus the nudge: a nudged version
     is its own collection, never copied into a plain one or from one."""
-    from tasks.learning import nudge
+    from tasks.learn.rows import nudge
 
     path = ws.learned_dir / "nudge.json"
     if not path.exists():
@@ -138,24 +139,24 @@ def nudged(
     query_prompt, document_prompt = prompts
     text_of = {row["id"]: row["text"] for row in chunks}
     choices = [(query, text_of[cid]) for query, cid in record["choices"] if cid in text_of]
-    vectors = store.embed(model, [query for query, _ in choices], query_prompt, dim)
+    vectors = chroma.embed(model, [query for query, _ in choices], query_prompt, dim)
     step = float(record["step"])
     print(f"nudging the chunks of {len(choices)} judged queries, step {step:g}")
 
     def embed(texts: list[str]) -> np.ndarray:
-        made = (embed_texts or (lambda t: store.embed(model, t, document_prompt, dim)))(texts)
+        made = (embed_texts or (lambda t: chroma.embed(model, t, document_prompt, dim)))(texts)
         row = {text: i for i, text in enumerate(texts)}
         mine = [i for i, (_, text) in enumerate(choices) if text in row]
         if not mine or step == 0:
             return made
         return nudge(made, vectors[mine], [row[choices[i][1]] for i in mine], step)
 
-    identity = fingerprint(store.model_identity(store.portable_ref(model_ref)), record)
+    identity = fingerprint(chroma.model_identity(chroma.portable_ref(model_ref)), record)
     return embed, identity
 
 
 @flow(name="publish", log_prints=True)
-def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # noqa: B008
+def publish(params: PublishParams = PublishParams()) -> chroma.PublishResult:  # noqa: B008
     """Publish the workspace's chunks as a complete new version and swap the alias to it."""
     ws = Workspace.at(params.workspace)
     chunks = load_rows(ws.chunks_dir)
@@ -186,7 +187,7 @@ def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # 
                 embed_texts,
                 params,
             )
-        done = store.publish(
+        done = chroma.publish(
             client,
             chunks,
             model,
@@ -230,7 +231,7 @@ def publish(params: PublishParams = PublishParams()) -> store.PublishResult:  # 
                     "model": model_ref,
                     "dim": dim,
                     "query prompt": repr(query_prompt),
-                    "store": store.where(client),
+                    "store": chroma.where(client),
                 }
             ]
         ),

@@ -25,11 +25,12 @@ from pydantic import BaseModel, Field
 from flows.artifacts import markdown, progress_artifact
 from flows.params import Params
 from flows.runners import RunnerParams, fan_out, started_on_first_use
-from tasks.generators import Generation, QuestionGenerator, make_generator
 from tasks.models import MINILM, cached_model
-from tasks.question_cache import QuestionCache, RunBatches, generate_with_cache
-from tasks.questions import Curation, Question, curate, sample_chunks
-from tasks.report import markdown_table
+from tasks.questions.cache import QuestionCache, RunBatches, generate_with_cache
+from tasks.questions.curation import Curation, Question, curate, sample_chunks
+from tasks.questions.writers import Generation, QuestionGenerator, make_generator
+from tasks.retrieval.report import markdown_table
+from tasks.text import shorten
 from tasks.workspace import Workspace, load_rows, save_rows
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ def _report(
     text_of = {c["id"]: c["text"] for c in chunks}
     kept = [q for q in asked if q.kept]
     samples = [
-        {"question": q.question, "chunk": _truncate(text_of[q.chunk_id], 240)}
+        {"question": q.question, "chunk": shorten(text_of[q.chunk_id], 240)}
         for q in random.Random(params.seed).sample(kept, min(5, len(kept)))
     ]
     text = (
@@ -301,8 +302,3 @@ def _report(
         errors = "\n".join(f"- {_redact(e, params.generator_settings)}" for e in stats["errors"])
         text += f"\n## Generation errors (first {len(stats['errors'])})\n\n{errors}\n"
     return text
-
-
-def _truncate(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

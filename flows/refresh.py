@@ -16,7 +16,7 @@ from flows.ingest import ingest
 from flows.pipeline import RefreshParams
 from flows.publish import publish
 from flows.questions import questions
-from tasks.store import AliasNotFound, resolve_alias
+from tasks.store.chroma import AliasNotFound, resolve_alias
 
 
 class RefreshResult(BaseModel):

@@ -15,9 +15,10 @@ from prefect import flow
 from pydantic import Field
 
 from flows.params import Params
-from tasks import store
-from tasks.querylog import append_query
-from tasks.relevance import reorder_head, rerank
+from tasks.learn.querylog import append_query
+from tasks.retrieval.rerank import reorder_head, rerank
+from tasks.store import chroma
+from tasks.text import shorten
 from tasks.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -53,13 +54,13 @@ class StoreParams(Params):
         if self.chroma_token_env:
             token = os.environ.get(self.chroma_token_env)
             if not token:
-                raise store.StoreError(
+                raise chroma.StoreError(
                     f"chroma_token_env={self.chroma_token_env!r}, "
                     "but that environment variable is empty"
                 )
         if self.chroma_host:
-            return store.connect(host=self.chroma_host, port=self.chroma_port, token=token)
-        return store.connect(self.chroma_path or Workspace.at(self.workspace).chroma_dir)
+            return chroma.connect(host=self.chroma_host, port=self.chroma_port, token=token)
+        return chroma.connect(self.chroma_path or Workspace.at(self.workspace).chroma_dir)
 
 
 class SearchParams(StoreParams):
@@ -84,19 +85,17 @@ class SearchParams(StoreParams):
         return self.log_queries if self.log_queries is not None else not self.chroma_host
 
 
-def format_hits(hits: Iterable[store.Hit | Mapping[str, Any]], width: int = 160) -> str:
+def format_hits(hits: Iterable[chroma.Hit | Mapping[str, Any]], width: int = 160) -> str:
     """Ranked hits as terminal lines: rank, score, source and pages, a one-line snippet."""
     lines = []
     for rank, hit in enumerate(hits, start=1):
-        row = asdict(hit) if isinstance(hit, store.Hit) else dict(hit)
+        row = asdict(hit) if isinstance(hit, chroma.Hit) else dict(hit)
         pages = (
             f"p.{row['page_start']}"
             if row["page_start"] == row["page_end"]
             else f"p.{row['page_start']}-{row['page_end']}"
         )
-        snippet = " ".join(str(row["text"]).split())
-        if len(snippet) > width:
-            snippet = snippet[: width - 1].rstrip() + "…"
+        snippet = shorten(str(row["text"]), width)
         lines.append(f"{rank:>2}. {row['score']:.3f}  {row['source']} {pages}\n    {snippet}")
     return "\n".join(lines) if lines else "(no hits)"
 
@@ -108,7 +107,7 @@ def search(params: SearchParams) -> list[dict[str, Any]]:
     The query goes to the workspace's query log unless `log_queries` is off, and never into
     this run's logs: only the hits are printed."""
     client = params.open_store()
-    hits = store.search(client, params.alias, params.query, k=max(params.k, params.rerank))
+    hits = chroma.search(client, params.alias, params.query, k=max(params.k, params.rerank))
     if params.rerank:
         top = hits[: params.rerank]
         hits = reorder_head(
@@ -120,7 +119,7 @@ def search(params: SearchParams) -> list[dict[str, Any]]:
             Workspace.at(params.workspace).querylog_dir,
             params.query,
             alias=params.alias,
-            collection=store.resolve_alias(client, params.alias).name,
+            collection=chroma.resolve_alias(client, params.alias).name,
             hits=[(hit.id, hit.score) for hit in hits],
         )
     print(format_hits(hits))

@@ -9,10 +9,13 @@ a model that cannot be loaded is an error that says how to fix it.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sentence_transformers import SentenceTransformer
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 MINILM = "all-MiniLM-L6-v2"
 BGE_BASE = "BAAI/bge-base-en-v1.5"
@@ -46,6 +49,8 @@ def resolve_model(ref: str) -> str:
 
 def load_model(ref: str, device: str | None = None) -> SentenceTransformer:
     """Load a sentence-transformers model by reference, raising `ModelNotAvailable` on failure."""
+    from sentence_transformers import SentenceTransformer
+
     resolved = resolve_model(ref)
     try:
         return SentenceTransformer(resolved, device=device)
@@ -84,7 +89,5 @@ def cached_model(ref: str) -> SentenceTransformer:
 
 def model_tag(ref: str) -> str:
     """A short name for a model, safe inside a Chroma collection name."""
-    import re
-
     name = Path(ref).name if Path(ref).expanduser().exists() else ref.split("/")[-1]
     return re.sub(r"[^a-zA-Z0-9_-]+", "-", name).strip("-").lower()[:40] or "model"

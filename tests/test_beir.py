@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tasks.beir import BeirFormatError, load_beir
+from tasks.retrieval.beir import BeirFormatError, load_beir
 from tests.conftest import FIXTURES
 
 BEIR_TINY = FIXTURES / "beir-tiny"

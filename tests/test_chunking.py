@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from tasks.chunking import Chunk, chunk_id, chunk_pages, max_chunk_tokens, normalise
-from tasks.documents import Page, read_document
+from tasks.ingest.chunking import Chunk, chunk_id, chunk_pages, max_chunk_tokens
+from tasks.ingest.documents import Page, read_document
+from tasks.text import canonical
 from tests.conftest import FIXTURES
 from tests.test_documents import read_nist
 
@@ -103,7 +104,7 @@ def test_ids_are_identical_across_runs(nist_pages, tokenizer, nist_chunks):
 
 
 def test_chunk_id_hashes_the_normalised_text():
-    assert normalise("  ﬁne\n\n tuning\t") == "fine tuning"
+    assert canonical("  ﬁne\n\n tuning\t") == "fine tuning"
     assert chunk_id("fine tuning") == chunk_id("  ﬁne\n\n tuning\t")
     # a fixed value: ids must not change between machines or versions
     assert chunk_id("fine tuning") == "e9d7ac65848d240b"

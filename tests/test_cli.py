@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from flows.cli import build_params, main, parse_settings
 from flows.pipeline import PipelineParams, RefreshParams
 from flows.search import SearchParams
-from tasks import store
 from tasks.models import MINILM
+from tasks.store import chroma
 from tests.test_store import nist_rows
 
 
@@ -66,9 +66,9 @@ def test_run_help_lists_every_sections_fields(capsys):
 
 def test_rollback_prune_and_unlock_work_on_a_real_store(tmp_path, minilm, capsys):
     workspace = tmp_path / "ws"
-    client = store.connect(workspace / "chroma")
-    first = store.publish(client, nist_rows(range(5, 6), "a"), minilm, MINILM, 384)
-    second = store.publish(client, nist_rows(range(6, 7), "b"), minilm, MINILM, 384)
+    client = chroma.connect(workspace / "chroma")
+    first = chroma.publish(client, nist_rows(range(5, 6), "a"), minilm, MINILM, 384)
+    second = chroma.publish(client, nist_rows(range(6, 7), "b"), minilm, MINILM, 384)
     assert second.previous == first.collection
 
     assert main(["rollback", "--workspace", str(workspace)]) == 0
@@ -77,7 +77,7 @@ def test_rollback_prune_and_unlock_work_on_a_real_store(tmp_path, minilm, capsys
     assert "removed 0 unaliased version(s)" in capsys.readouterr().out
     assert main(["unlock", "--workspace", str(workspace)]) == 0
     assert "no lease to clear" in capsys.readouterr().out
-    assert store.resolve_alias(client, "docs").name == first.collection
+    assert chroma.resolve_alias(client, "docs").name == first.collection
 
 
 def test_a_form_that_sends_every_field_still_gets_the_profiles_values():

@@ -14,7 +14,7 @@ import pytest
 
 from flows.publish import PublishParams, publish
 from flows.questions import QuestionParams, questions
-from tasks import store
+from tasks.store import chroma
 from tasks.workspace import Workspace, load_rows, save_rows
 from tests.conftest import save_with_prompts
 from tests.test_store import nist_rows
@@ -93,7 +93,9 @@ def test_dask_runner_publishes_the_same_embeddings_as_the_default_runner(
         save_with_prompts(minilm, ws.model_dir("m"), prompts)
         result = publish(PublishParams(workspace=str(ws.root), dim=256, **RUNNERS[runner]))
         assert result.embedded == len(rows) and result.count == len(rows)
-        got = store.resolve_alias(store.connect(ws.chroma_dir), "docs").get(include=["embeddings"])
+        got = chroma.resolve_alias(chroma.connect(ws.chroma_dir), "docs").get(
+            include=["embeddings"]
+        )
         order = np.argsort(got["ids"])
         published[runner] = (
             [got["ids"][i] for i in order],

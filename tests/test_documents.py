@@ -11,7 +11,7 @@ from functools import lru_cache
 import pytest
 from pypdf import PdfReader, PdfWriter
 
-from tasks.documents import (
+from tasks.ingest.documents import (
     DocumentError,
     NoDocumentsError,
     Page,

@@ -10,10 +10,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.evaluate import EvaluateParams, evaluate, generated_eval_set
-from tasks.beir import load_beir
-from tasks.evaluation import MetricsError
-from tasks.relevance import local_judge_name
-from tasks.report import CARD_HEADING
+from tasks.llm.likelihood import local_judge_name
+from tasks.retrieval.beir import load_beir
+from tasks.retrieval.evaluation import MetricsError
+from tasks.retrieval.report import CARD_HEADING
 from tasks.workspace import save_rows
 from tests.conftest import FIXTURES
 

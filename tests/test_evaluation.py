@@ -19,8 +19,8 @@ import pytest
 import torch
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-from tasks.beir import load_beir
-from tasks.evaluation import (
+from tasks.retrieval.beir import load_beir
+from tasks.retrieval.evaluation import (
     METRICS,
     MetricsError,
     ModelEval,
@@ -36,7 +36,7 @@ from tasks.evaluation import (
     ranking_metrics,
     regressions,
 )
-from tasks.report import CARD_HEADING, card_section, update_model_card, write_report
+from tasks.retrieval.report import CARD_HEADING, card_section, update_model_card, write_report
 from tests.conftest import FIXTURES
 
 SOUP = "The recipe for tomato soup needs ripe tomatoes, garlic, olive oil, basil and salt. "

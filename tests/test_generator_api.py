@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tasks.generators import Generation, make_generator
+from tasks.questions.writers import Generation, make_generator
 
 KEY = "sk-ragtune-test-7f3a9c1e5b"
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05, "show_progress": False}
@@ -412,13 +412,13 @@ def test_fingerprint_follows_settings_that_change_the_output():
 def test_bad_names_and_settings_are_clear_errors():
     with pytest.raises(ValueError, match=r"'gpt'.*known generators: local, api"):
         make_generator("gpt")
-    with pytest.raises(ValueError, match=r"Unknown setting\(s\) for the 'api' generator: modle"):
+    with pytest.raises(ValueError, match=r"unknown setting 'modle' \(did you mean 'model'\?\)"):
         make_generator("api", modle="x")
-    with pytest.raises(ValueError, match=r"api_key.*environment variable named by api_key_env"):
+    with pytest.raises(ValueError, match=r"api_key is not a setting.*named by api_key_env"):
         make_generator("api", api_key="sk-not-here")
     with pytest.raises(ValueError, match=r"chat_template must contain the placeholder"):
         make_generator("api", chat_template="no passage here")
     with pytest.raises(ValueError, match=r"few_shot\[1\] must be a \(passage, question\) pair"):
         make_generator("api", few_shot=[("P.", "Q?"), "just a string"])
-    with pytest.raises(ValueError, match="endpoint must be 'chat' or 'completions'"):
+    with pytest.raises(ValueError, match=r"endpoint\n  Input should be 'chat' or 'completions'"):
         make_generator("api", endpoint="embeddings")

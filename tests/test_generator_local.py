@@ -11,9 +11,9 @@ import re
 import pytest
 from pypdf import PdfReader
 
-from tasks.generators import make_generator
-from tasks.generators.local import LocalGenerator
-from tasks.generators.prompts import DEFAULT_FEW_SHOT
+from tasks.questions.local import LocalGenerator
+from tasks.questions.prompts import DEFAULT_FEW_SHOT
+from tasks.questions.writers import make_generator
 from tests.conftest import NIST_PDF
 
 QUESTION_START = re.compile(
@@ -154,7 +154,7 @@ def test_bad_settings_name_the_setting():
 
 
 def test_the_environment_can_force_the_dtype_auto_picks(monkeypatch):
-    from tasks.generators.local import DTYPE_ENV, resolve_dtype
+    from tasks.llm.machine import DTYPE_ENV, resolve_dtype
 
     monkeypatch.setenv(DTYPE_ENV, "float32")
     assert resolve_dtype("auto") == "float32"
@@ -169,7 +169,7 @@ def last_hidden(generator, chunks):
     """Gemma's final hidden states after real few-shot prompts: what the head sees at step 0."""
     import torch
 
-    from tasks.generators.local import load_gemma
+    from tasks.llm.gemma import load_gemma
 
     model, tokenizer = load_gemma(dtype="float32")
     enc = tokenizer([generator.prompt(c) for c in chunks], return_tensors="pt", padding=True)
@@ -184,7 +184,7 @@ def test_the_int8_shortlist_keeps_the_exact_heads_candidates_and_logits(last_hid
     and their logits must be the exact projection's (within float32 summation error)."""
     import torch
 
-    from tasks.generators.sampling import Head, shares
+    from tasks.llm.sampling import Head, shares
 
     weight, hidden = last_hidden
     exact, shortlist = Head(weight, int8=False), Head(weight, int8=True)
@@ -221,7 +221,7 @@ def test_the_judges_log_probabilities_from_the_int8_shortlist_match_the_exact_pr
     scores for a question's passages lie tenths of a nat apart)."""
     import torch
 
-    from tasks.generators.sampling import Head
+    from tasks.llm.sampling import Head
 
     weight, hidden = last_hidden
     with torch.inference_mode():
@@ -241,10 +241,10 @@ def test_the_judges_log_probabilities_from_the_int8_shortlist_match_the_exact_pr
 def test_unloading_gemma_also_frees_its_vocabulary_head(last_hidden):
     """The int8 copy and the float32 projection it points at are ~840 MB: unloading the model
     before training must drop them too (this module's last test: it unloads the shared model)."""
-    from tasks.generators import local
+    from tasks.llm import gemma
 
-    model, _ = local.load_gemma(dtype="float32")
-    head = local.vocabulary_head(model)
-    assert local.vocabulary_head(model) is head and head.path == "int8 shortlist"
-    local.unload_gemma()
-    assert not local._HEADS and not local._LOADED
+    model, _ = gemma.load_gemma(dtype="float32")
+    head = gemma.vocabulary_head(model)
+    assert gemma.vocabulary_head(model) is head and head.path == "int8 shortlist"
+    gemma.unload_gemma()
+    assert not gemma._HEADS and not gemma._LOADED

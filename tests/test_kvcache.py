@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tasks.generators.kvcache import buffer_cache, fits
-from tasks.generators.local import load_gemma
+from tasks.llm.gemma import load_gemma
+from tasks.llm.kvcache import buffer_cache, fits
 
 PROMPTS = [
     "Passage: Lima is the capital city of Peru.\nQuestion:",

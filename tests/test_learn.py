@@ -17,11 +17,11 @@ import pytest
 from flows.learn import LearnParams, learn
 from flows.publish import PublishParams, publish
 from flows.search import SearchParams, search
-from tasks.judgements import Judgements
-from tasks.judges import ApiJudge, CrossEncoderJudge, LocalJudge, make_judge
-from tasks.learning import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
-from tasks.querylog import LOG_NAME, is_held_out, read_queries, unique_queries
-from tasks.training import train
+from tasks.learn.judgements import Judgements
+from tasks.learn.judges import ApiJudge, CrossEncoderJudge, LocalJudge, make_judge
+from tasks.learn.querylog import LOG_NAME, is_held_out, read_queries, unique_queries
+from tasks.learn.rows import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
+from tasks.training.trainer import train
 from tasks.workspace import load_rows, rows_to_dataset
 from tests.test_relevance import ANSWERED, PASSAGES
 
@@ -186,7 +186,7 @@ def write_log(ws, queries: list[str]) -> None:
 def test_a_nudged_publish_moves_the_judges_choices_towards_their_queries(
     prefect_api, ready_workspace, minilm
 ):
-    from tasks import store
+    from tasks.store import chroma
 
     ws, rows = ready_workspace
     write_log(ws, NIST_QUESTIONS)
@@ -199,7 +199,7 @@ def test_a_nudged_publish_moves_the_judges_choices_towards_their_queries(
 
     assert learned.train_rows == len(choices) == len(NIST_QUESTIONS)
     assert nudged.collection != plain.collection and nudged.embedded == len(rows)
-    client = store.connect(ws.chroma_dir)
+    client = chroma.connect(ws.chroma_dir)
 
     def vectors(name: str) -> dict[str, np.ndarray]:
         got = client.get_collection(name).get(include=["embeddings"])
@@ -336,7 +336,7 @@ def gemma_server() -> Iterator[str]:
     log-probabilities, the way OpenAI's legacy API and vLLM do with `echo` and `logprobs`."""
     import torch
 
-    from tasks.generators.local import load_gemma
+    from tasks.llm.gemma import load_gemma
 
     model, tokenizer = load_gemma(dtype="float32")
 
@@ -361,7 +361,7 @@ def gemma_server() -> Iterator[str]:
 
 
 def test_the_api_judge_reads_query_likelihood_from_echoed_logprobs(gemma_server):
-    from tasks.relevance import local_judge
+    from tasks.llm.likelihood import local_judge
 
     api = ApiJudge(base_url=gemma_server, model="gemma3-270m", concurrency=2)
     local = local_judge(dtype="float32")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from tasks.machine import FLAGS, cpu_flags, cpu_model, describe, others_busy
+from tasks.llm.machine import FLAGS, cpu_flags, cpu_model, describe, others_busy
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass"
 
@@ -22,8 +22,7 @@ def test_the_machine_line_names_the_cpu_its_flags_and_the_llm_dtype(monkeypatch)
 
 
 def test_an_isa_capped_below_bf16_picks_float32_and_says_so(monkeypatch):
-    from tasks.generators.local import resolve_dtype
-    from tasks.machine import native_bf16
+    from tasks.llm.machine import native_bf16, resolve_dtype
 
     monkeypatch.delenv("RAGTUNE_DTYPE", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")

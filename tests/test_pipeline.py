@@ -83,7 +83,7 @@ def test_pipeline_metrics_are_finite_at_every_dimension(pipeline_run):
 
 def test_published_collection_holds_every_chunk_and_answers_a_question(pipeline_run):
     from tasks.models import load_model
-    from tasks.store import connect, resolve_alias, search
+    from tasks.store.chroma import connect, resolve_alias, search
     from tasks.workspace import Workspace, load_rows
 
     result, workspace = pipeline_run

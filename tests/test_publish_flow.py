@@ -8,7 +8,7 @@ import pytest
 
 from flows.publish import PublishParams, publish
 from flows.search import SearchParams, format_hits, search
-from tasks import locks, store
+from tasks.store import chroma, locks
 from tasks.workspace import save_rows
 from tests.test_store import nist_rows
 
@@ -25,8 +25,8 @@ def test_publish_flow_publishes_the_newest_model_then_search_finds_chunks(
     assert first.alias == "docs" and first.swapped and first.count == len(rows)
     assert first.embedded == len(rows) and first.copied == 0
     assert again.collection == first.collection and again.embedded == 0 and not again.swapped
-    client = store.connect(ws.chroma_dir)
-    meta = store.resolve_alias(client, "docs").metadata
+    client = chroma.connect(ws.chroma_dir)
+    meta = chroma.resolve_alias(client, "docs").metadata
     assert meta["model"] == str(ws.model_dir("m")) and meta["dim"] == 384
     assert meta["query_prompt"] == "query: " and meta["metric.ndcg@10"] == 0.5
 
@@ -57,7 +57,7 @@ def test_a_publish_flow_that_waits_for_another_says_whom_on_the_dashboard(
     prefect_api, ready_workspace
 ):
     ws, _ = ready_workspace
-    client = store.connect(ws.chroma_dir)
+    client = chroma.connect(ws.chroma_dir)
 
     with (
         locks.publish_lock(client, what="another publish"),
@@ -79,7 +79,7 @@ def test_publish_flow_without_a_model_says_what_to_run(prefect_api, workspace):
 
 def test_format_hits_shows_rank_score_source_pages_and_snippet():
     hits = [
-        store.Hit("a", 0.91234, "report.pdf", 3, 4, "Risk   management\nmatters. " * 40),
+        chroma.Hit("a", 0.91234, "report.pdf", 3, 4, "Risk   management\nmatters. " * 40),
         {
             "id": "b",
             "score": 0.5,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import locks, store
 from tasks.models import MINILM
+from tasks.store import chroma, locks
 from tests.test_store import nist_rows
 from tests.test_store_server import server  # noqa: F401  (a real `chroma run` fixture)
 
@@ -27,15 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # and waits for a line on stdin; if it has to wait for the lock it says whom it waits for.
 PUBLISHER = """
 import json, sys
-from tasks import store
+from tasks.store import chroma
 from tasks.models import MINILM, load_model
 
 where, rows_file, hold = sys.argv[1:4]
 rows = json.loads(open(rows_file).read())
 if where.startswith("port:"):
-    client = store.connect(host="127.0.0.1", port=int(where[5:]))
+    client = chroma.connect(host="127.0.0.1", port=int(where[5:]))
 else:
-    client = store.connect(where)
+    client = chroma.connect(where)
 model = load_model(MINILM)
 print("ready", flush=True)
 
@@ -48,7 +48,7 @@ def progress(done, total):
 def waiting(holder):
     print(f"waiting for pid {holder.pid if holder else None}", flush=True)
 
-result = store.publish(client, rows, model, MINILM, 384, batch_size=2, progress=progress,
+result = chroma.publish(client, rows, model, MINILM, 384, batch_size=2, progress=progress,
                        on_wait=waiting, lock_timeout=120)
 print("published " + result.collection, flush=True)
 """
@@ -99,18 +99,18 @@ def test_two_publishers_started_together_both_finish_one_after_the_other(tmp_pat
     first.stdin.flush()
 
     first_name, second_name = finish(first), finish(second)
-    client = store.connect(path)
-    live = store.resolve_alias(client, "docs")
+    client = chroma.connect(path)
+    live = chroma.resolve_alias(client, "docs")
     assert live.name == second_name and live.count() == len(second_rows)
-    assert store.list_versions(client, "docs") == [second_name, first_name]
+    assert chroma.list_versions(client, "docs") == [second_name, first_name]
 
 
 def test_a_publisher_killed_while_it_embeds_does_not_block_the_next(tmp_path, two_corpora, minilm):
     """SIGKILL leaves no chance to clean up; the kernel still releases the file lock."""
     path = tmp_path / "chroma"
     old_rows, new_rows = two_corpora
-    client = store.connect(path)
-    old = store.publish(client, old_rows, minilm, MINILM, 384)
+    client = chroma.connect(path)
+    old = chroma.publish(client, old_rows, minilm, MINILM, 384)
     killed = start_publisher(str(path), new_rows, tmp_path, "killed", hold=True)
     read_until(killed, "holding")
     assert locks.file_holder(path / locks.LOCK_FILE).pid == killed.pid
@@ -120,20 +120,20 @@ def test_a_publisher_killed_while_it_embeds_does_not_block_the_next(tmp_path, tw
     partial = next(
         c.name
         for c in client.list_collections()
-        if c.name not in {old.collection, store.REGISTRY, locks.LEASES}
+        if c.name not in {old.collection, chroma.REGISTRY, locks.LEASES}
     )
     # Readers still see the old version, whole.
-    assert store.resolve_alias(client, "docs").name == old.collection
+    assert chroma.resolve_alias(client, "docs").name == old.collection
     other_rows = nist_rows(range(7, 9), "risks")
 
     waits = []
-    done = store.publish(
+    done = chroma.publish(
         client, other_rows, minilm, MINILM, 384, lock_timeout=60, on_wait=waits.append
     )
 
     assert waits == []  # nothing held the lock: its holder was dead
     assert done.swapped and done.previous == old.collection
-    assert store.resolve_alias(client, "docs").count() == len(other_rows)
+    assert chroma.resolve_alias(client, "docs").count() == len(other_rows)
     # The half-written version of the killed publish is gone and reported; live and previous stay.
     assert done.removed == [partial]
     names = {c.name for c in client.list_collections()}
@@ -141,13 +141,13 @@ def test_a_publisher_killed_while_it_embeds_does_not_block_the_next(tmp_path, tw
 
 
 def test_a_publisher_that_cannot_get_the_lock_in_time_names_the_holder(tmp_path, minilm):
-    client = store.connect(tmp_path / "chroma")
+    client = chroma.connect(tmp_path / "chroma")
     seen = []
     with (
         locks.publish_lock(client, what="a long publish"),
         pytest.raises(locks.LockTimeout, match=rf"held by pid {os.getpid()} on .*kill"),
     ):
-        store.publish(
+        chroma.publish(
             client,
             nist_rows(range(5, 6), "governance"),
             minilm,
@@ -158,15 +158,15 @@ def test_a_publisher_that_cannot_get_the_lock_in_time_names_the_holder(tmp_path,
         )
     assert [holder.what for holder in seen] == ["a long publish"]
     # Nothing was written while it waited.
-    assert {c.name for c in client.list_collections()} <= {store.REGISTRY}
+    assert {c.name for c in client.list_collections()} <= {chroma.REGISTRY}
 
 
 # Takes the server's publish lease with a short lifetime, says "held", then waits on stdin.
 LEASE_HOLDER = """
 import sys
-from tasks import locks, store
+from tasks.store import chroma, locks
 
-client = store.connect(host="127.0.0.1", port=int(sys.argv[1]))
+client = chroma.connect(host="127.0.0.1", port=int(sys.argv[1]))
 with locks.publish_lock(client, what="a publisher about to die", lease_seconds=3):
     print("held", flush=True)
     sys.stdin.readline()
@@ -190,22 +190,22 @@ def test_a_dead_publishers_lease_on_a_server_runs_out(server, minilm):  # noqa: 
     holder = hold_lease(server)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
-    client = store.connect(host="127.0.0.1", port=server)
+    client = chroma.connect(host="127.0.0.1", port=server)
     rows = nist_rows(range(5, 6), "governance")
     waits = []
 
-    done = store.publish(
+    done = chroma.publish(
         client, rows, minilm, MINILM, 384, alias="leased", lock_timeout=60, on_wait=waits.append
     )
 
     # It had to wait (the lease outlived its holder by at most its 3 s), then published.
     assert [(h.pid, h.what) for h in waits] == [(holder.pid, "a publisher about to die")]
-    assert done.swapped and store.resolve_alias(client, "leased").count() == len(rows)
+    assert done.swapped and chroma.resolve_alias(client, "leased").count() == len(rows)
 
 
 def test_a_live_lease_holder_keeps_others_out_and_unlock_clears_a_dead_ones_lease(server):  # noqa: F811
     holder = hold_lease(server)
-    client = store.connect(host="127.0.0.1", port=server)
+    client = chroma.connect(host="127.0.0.1", port=server)
     try:
         # Renewed every second, so a waiter more patient than the lease's 3 s still times out.
         with (

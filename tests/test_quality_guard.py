@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from tasks.beir import load_beir
-from tasks.fewshot import (
+from tasks.questions.curation import LeakageError
+from tasks.questions.fewshot import (
     MAX_EXAMPLES,
     check_held_out,
     check_training,
@@ -17,8 +17,8 @@ from tasks.fewshot import (
     held_out,
     labelled_split,
 )
-from tasks.generators import make_generator
-from tasks.questions import LeakageError
+from tasks.questions.writers import make_generator
+from tasks.retrieval.beir import load_beir
 from tests.conftest import FIXTURES
 
 BEIR_TINY = FIXTURES / "beir-tiny"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.quantisation import Int8Linear, int8_linear_layers, pack, product
+from tasks.llm.quantisation import Int8Linear, int8_linear_layers, pack, product
 
 
 def test_a_rows_product_is_the_same_alone_or_beside_an_outlier_row():

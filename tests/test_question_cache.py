@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tasks.generators import Generation
-from tasks.question_cache import QuestionCache, generate_with_cache
+from tasks.questions.cache import QuestionCache, generate_with_cache
+from tasks.questions.writers import Generation
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.questions import (
+from tasks.questions.curation import (
     LeakageError,
     Question,
     assert_no_leakage,

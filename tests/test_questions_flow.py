@@ -12,7 +12,7 @@ import pytest
 from prefect import flow
 
 from flows.questions import QuestionParams, QuestionsResult, ask, questions
-from tasks.generators import Generation
+from tasks.questions.writers import Generation
 from tasks.workspace import load_rows, save_rows
 
 SECRET = "sk-test-0123456789abcdef"

@@ -8,16 +8,9 @@ import pytest
 
 from flows.publish import PublishParams, publish
 from flows.search import SearchParams, search
-from tasks.evaluation import evaluate_model
-from tasks.relevance import (
-    STATEMENT_PROMPT,
-    QueryLikelihood,
-    is_statement,
-    local_judge,
-    rerank,
-    rerank_evaluation,
-    rerank_order,
-)
+from tasks.llm.likelihood import STATEMENT_PROMPT, QueryLikelihood, is_statement, local_judge
+from tasks.retrieval.evaluation import evaluate_model
+from tasks.retrieval.rerank import rerank, rerank_evaluation, rerank_order
 
 PASSAGES = [
     "Oslo is the capital city of Norway, at the head of the Oslofjord.",

@@ -15,14 +15,9 @@ from sentence_transformers import SentenceTransformer
 
 from flows.finetune import FinetuneParams, finetune
 from tasks.models import MINILM
-from tasks.training import (
-    RECIPES,
-    TrainingDiverged,
-    matryoshka_dims,
-    mine_negatives,
-    train,
-)
-from tasks.training_data import load_pairs
+from tasks.training.data import load_pairs
+from tasks.training.recipes import RECIPES, matryoshka_dims
+from tasks.training.trainer import TrainingDiverged, mine_negatives, train
 from tasks.workspace import save_rows
 
 CAPITALS = [

@@ -8,8 +8,8 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from tasks.evaluation import MetricsError
-from tasks.training_data import held_out_queries, load_pairs, mix, pairs_from_questions
+from tasks.retrieval.evaluation import MetricsError
+from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
 
 
 def test_csv_with_query_and_passage_columns_becomes_anchor_positive(tmp_path):

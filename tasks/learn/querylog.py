@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tasks.text import folded
+
 LOG_NAME = "queries.jsonl"
 
 
@@ -69,16 +71,11 @@ def read_queries(path: str | os.PathLike[str], field: str = "query") -> list[str
     return [text.strip() for text in texts if text and text.strip()]
 
 
-def normalise(query: str) -> str:
-    """The form two queries are compared in: whitespace collapsed, case folded."""
-    return " ".join(query.split()).casefold()
-
-
 def unique_queries(queries: Iterable[str]) -> list[str]:
     """Queries in first-seen order, each counted once however it is spaced or cased."""
     seen: dict[str, str] = {}
     for query in queries:
-        key = normalise(query)
+        key = folded(query)
         if key and key not in seen:
             seen[key] = " ".join(query.split())
     return list(seen.values())
@@ -90,7 +87,7 @@ def is_held_out(query: str, share: float, seed: int = 42) -> bool:
     and a retrain never sees a query an earlier report was measured on."""
     if not 0 <= share < 1:
         raise ValueError(f"the held-out share must be in [0, 1), got {share}")
-    digest = hashlib.sha256(f"{seed}\0{normalise(query)}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}\0{folded(query)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 

@@ -115,7 +115,7 @@ def held_out_queries(
     chunk is gone (re-chunked since it was asked) is an error: leaving it out would quietly
     shrink the test, counting it a miss would blame the model.
     """
-    from tasks.evaluation import MetricsError
+    from tasks.retrieval.evaluation import MetricsError
 
     queries: dict[str, str] = {}
     relevant: dict[str, set[str]] = {}

@@ -10,23 +10,16 @@ chooses the examples (a seeded sample) and guards both rules with `LeakageError`
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.beir import load_beir
-from tasks.questions import LeakageError
+from tasks.questions.curation import LeakageError
+from tasks.retrieval.beir import load_beir
+from tasks.text import comparable
 
 #: Promptagator's budget: at most this many labelled queries may be shown to the generator.
 MAX_EXAMPLES = 8
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def normalise(text: str) -> str:
-    """Case, spacing and punctuation ignored: "Claim X." and "claim x" are the same query."""
-    return " ".join(_WORD.findall(text.lower()))
 
 
 def choose_examples(queries: Mapping[str, str], k: int = MAX_EXAMPLES, seed: int = 42) -> list[str]:
@@ -60,11 +53,11 @@ def held_out(
     unknown = [qid for qid in example_ids if qid not in queries]
     if unknown:
         raise KeyError(f"few-shot example id(s) {unknown} are not among the labelled queries")
-    shown = {normalise(queries[qid]) for qid in example_ids}
+    shown = {comparable(queries[qid]) for qid in example_ids}
     kept = {
         qid: text
         for qid, text in queries.items()
-        if qid not in example_ids and normalise(text) not in shown
+        if qid not in example_ids and comparable(text) not in shown
     }
     judged = {qid: set(relevant[qid]) for qid in kept if qid in relevant}
     check_held_out([queries[qid] for qid in example_ids], kept)
@@ -77,8 +70,8 @@ def check_held_out(examples: Sequence[str], evaluated: Mapping[str, str]) -> Non
         raise LeakageError(
             f"{len(examples)} labelled queries shown as examples; at most {MAX_EXAMPLES} may be"
         )
-    shown = {normalise(text): text for text in examples}
-    leaked = sorted(qid for qid, text in evaluated.items() if normalise(text) in shown)
+    shown = {comparable(text): text for text in examples}
+    leaked = sorted(qid for qid, text in evaluated.items() if comparable(text) in shown)
     if leaked:
         more = f" (and {len(leaked) - 1} more)" if len(leaked) > 1 else ""
         raise LeakageError(
@@ -93,12 +86,12 @@ def check_training(anchors: Iterable[str], labelled: Iterable[str]) -> None:
     The generator drops exact echoes of the examples it shows; this is the end-to-end check
     that no labelled query, shown or not, became a training question.
     """
-    known = {normalise(text): text for text in labelled}
+    known = {comparable(text): text for text in labelled}
     for anchor in anchors:
-        if normalise(anchor) in known:
+        if comparable(anchor) in known:
             raise LeakageError(
                 f"training question {anchor!r} is the labelled query "
-                f"{known[normalise(anchor)]!r}: the evaluation would measure memorisation"
+                f"{known[comparable(anchor)]!r}: the evaluation would measure memorisation"
             )
 
 

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.evaluation import HEADLINE, METRICS, GateDecision, MetricsError, ModelEval, check_metrics
+from tasks.retrieval.evaluation import (
+    HEADLINE,
+    METRICS,
+    GateDecision,
+    MetricsError,
+    ModelEval,
+    check_metrics,
+)
+from tasks.text import shorten
 
 CARD_HEADING = "## ragtune evaluation"
 #: Metrics shown side by side per dimension; the full set is in metrics.json and report.md.
@@ -117,8 +125,8 @@ def report_markdown(
         "Models: "
         + "; ".join(
             f"`{e.name}` = `{e.model}` ({e.n_queries} queries, {e.n_corpus} documents"
-            + (f", query prompt {_short(e.query_prompt)!r}" if e.query_prompt else "")
-            + (f", document prompt {_short(e.corpus_prompt)!r}" if e.corpus_prompt else "")
+            + (f", query prompt {shorten(e.query_prompt, 60)!r}" if e.query_prompt else "")
+            + (f", document prompt {shorten(e.corpus_prompt, 60)!r}" if e.corpus_prompt else "")
             + ")"
             for e in evals
         )
@@ -208,10 +216,6 @@ def _decision_dict(decision: GateDecision | None) -> dict[str, Any] | None:
         "base_ndcg": decision.base_ndcg,
         "tuned_ndcg": decision.tuned_ndcg,
     }
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _plot(path: Path, evals: list[ModelEval], title: str, decision: GateDecision | None) -> None:

@@ -3,7 +3,7 @@
 `learn` asks a judge about the retriever's top candidates for every logged query and trains the
 retriever on the answers, so the judge is the teacher. Three kinds, chosen by name:
 
-- `local`: the bundled Gemma's query likelihood (`tasks.relevance`), offline, the default;
+- `local`: the bundled Gemma's query likelihood (`tasks.llm.likelihood`), offline, the default;
 - `api`: any OpenAI-compatible endpoint. With `mode="logprobs"` the same query likelihood from
   the log-probabilities of the prompt's tokens (`/completions` with `echo` and `logprobs`, as
   OpenAI's legacy API, vLLM and llama.cpp's server return them); with `mode="chat"` a graded
@@ -17,15 +17,23 @@ a query is never judged twice by the same judge.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from tasks.relevance import (
+from pydantic import PrivateAttr, TypeAdapter
+
+from tasks.learn.settings import (
+    JUDGES,
+    ApiJudgeSettings,
+    CrossEncoderJudgeSettings,
+    JudgeSettings,
+    LocalJudgeSettings,
+)
+from tasks.llm.http import ApiCallFailed, ApiClient, Endpoint
+from tasks.llm.likelihood import (
     JUDGE_PROMPT,
     MAX_PASSAGE_CHARS,
-    MAX_PASSAGE_TOKENS,
     STATEMENT_PROMPT,
     is_statement,
     score_grouped,
@@ -44,7 +52,8 @@ GRADE_PROMPT = (
 
 @runtime_checkable
 class Judge(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def fingerprint(self) -> str:
         """A stable hash of everything that changes the scores (never a secret)."""
@@ -55,8 +64,7 @@ class Judge(Protocol):
         ...
 
 
-@dataclass
-class LocalJudge:
+class LocalJudge(LocalJudgeSettings):
     """The bundled Gemma 3 270M, in the prompt style of each query (question or claim).
 
     Many queries' candidates are judged in shared batches (`score_many`). `cache_size` > 0
@@ -68,13 +76,14 @@ class LocalJudge:
     within tests' tolerance, and a user moving to another CPU should not pay to re-judge a log.
     """
 
-    cache_size: int = 0
-    #: cut passages to this many tokens (None: only to MAX_PASSAGE_CHARS characters)
-    max_passage_tokens: int | None = MAX_PASSAGE_TOKENS
-    name: str = field(default="local", init=False)
+    _judge_for: Callable[[str], Any] = PrivateAttr()
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any) -> None:
         self._judge_for = style_judges(self.cache_size, self.max_passage_tokens)
+
+    @property
+    def name(self) -> str:
+        return "local"
 
     def fingerprint(self) -> str:
         parts: list[Any] = ["local", "gemma3-270m", JUDGE_PROMPT, STATEMENT_PROMPT]
@@ -91,70 +100,41 @@ class LocalJudge:
         return score_grouped(self._judge_for, items)
 
 
-@dataclass
-class ApiJudge:
-    """A model behind an OpenAI-compatible API, with the api generator's retries, timeouts and
-    key handling (the key comes from `api_key_env` or a Prefect Secret, never from settings)."""
+class ApiJudge(ApiJudgeSettings):
+    """A model behind an OpenAI-compatible API, through the same client as the api writer
+    (retries, timeouts, the key from `api_key_env` or a Prefect Secret, never from settings)."""
 
-    base_url: str = ""
-    model: str = "gpt-4o-mini"
-    mode: Literal["logprobs", "chat"] = "logprobs"
-    api_key_env: str = "OPENAI_API_KEY"
-    api_key_secret: str | None = None
-    concurrency: int = 4
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    backoff_s: float = 1.0
-    backoff_max_s: float = 30.0
-    max_passage_chars: int = 1500
-    name: str = field(default="api", init=False)
+    _client: ApiClient = PrivateAttr()
 
-    def __post_init__(self) -> None:
-        from tasks.generators.api import ApiGenerator
+    def model_post_init(self, context: Any) -> None:
+        self._client = ApiClient(self)
 
-        if self.mode not in ("logprobs", "chat"):
-            raise ValueError(f"mode must be 'logprobs' or 'chat', got {self.mode!r}")
-        self._api = ApiGenerator(
-            base_url=self.base_url,
-            model=self.model,
-            endpoint="completions" if self.mode == "logprobs" else "chat",
-            api_key_env=self.api_key_env,
-            api_key_secret=self.api_key_secret,
-            temperature=0.0,
-            seed=None,
-            concurrency=self.concurrency,
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-            backoff_max_s=self.backoff_max_s,
-            show_progress=False,
-        )
+    @property
+    def name(self) -> str:
+        return "api"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return "completions" if self.mode == "logprobs" else "chat"
 
     def fingerprint(self) -> str:
         prompts = (JUDGE_PROMPT, STATEMENT_PROMPT) if self.mode == "logprobs" else GRADE_PROMPT
         return hash_parts(
-            "api", self._api.base_url, self.model, self.mode, prompts, self.max_passage_chars
+            "api", self._client.base_url, self.model, self.mode, prompts, self.max_passage_chars
         )
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
         """Scores for all passages, `concurrency` calls at a time. A call that fails after its
         retries raises `ApiCallFailed`: a query is judged whole or not at all, so the cache
         never holds half a candidate list."""
-        import httpx
-
-        headers = self._api.headers()
-        limits = httpx.Limits(max_connections=self.concurrency)
         with (
-            httpx.Client(timeout=self.timeout_s, limits=limits) as client,
+            self._client.session() as client,
             ThreadPoolExecutor(self.concurrency, thread_name_prefix="ragtune-judge") as pool,
         ):
             one = self._likelihood if self.mode == "logprobs" else self._grade
-            return list(pool.map(lambda p: one(client, headers, query, p), passages))
+            return list(pool.map(lambda p: one(client, query, p), passages))
 
-    def _likelihood(self, client: Any, headers: dict[str, str], query: str, passage: str) -> float:
-        from tasks.generators import Generation
-        from tasks.generators.api import ApiCallFailed
-
+    def _likelihood(self, client: Any, query: str, passage: str) -> float:
         template = STATEMENT_PROMPT if is_statement(query) else JUDGE_PROMPT
         context = template.format(passage=passage[: self.max_passage_chars])
         prompt = f"{context} {query}"
@@ -166,12 +146,13 @@ class ApiJudge:
             "echo": True,
             "logprobs": 0,
         }
-        data = self._api.post(client, headers, payload, Generation([]))
+        data = self._client.post(client, self.endpoint, payload)
+        url = self._client.url(self.endpoint)
         logprobs = data["choices"][0].get("logprobs") or {}
         offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
         if not offsets or not values:
             raise ApiCallFailed(
-                f"{self.model} at {self._api.url} returned no prompt log-probabilities "
+                f"{self.model} at {url} returned no prompt log-probabilities "
                 "(echo with logprobs): use the judge's mode='chat' for this server"
             )
         # Tokens that start inside the query; the echoed completion token comes after it.
@@ -181,13 +162,10 @@ class ApiJudge:
             if len(context) <= offset < len(prompt) and value is not None
         ]
         if not asked:
-            raise ApiCallFailed(f"{self.model} at {self._api.url} echoed none of the query")
+            raise ApiCallFailed(f"{self.model} at {url} echoed none of the query")
         return sum(asked) / len(asked)
 
-    def _grade(self, client: Any, headers: dict[str, str], query: str, passage: str) -> float:
-        from tasks.generators import Generation
-        from tasks.generators.api import ApiCallFailed
-
+    def _grade(self, client: Any, query: str, passage: str) -> float:
         message = GRADE_PROMPT.format(query=query, passage=passage[: self.max_passage_chars])
         payload = {
             "model": self.model,
@@ -195,23 +173,23 @@ class ApiJudge:
             "max_tokens": 4,
             "temperature": 0.0,
         }
-        data = self._api.post(client, headers, payload, Generation([]))
+        data = self._client.post(client, self.endpoint, payload)
         content = data["choices"][0]["message"].get("content") or ""
         grade = re.search(r"[0-3]", content)
         if grade is None:
-            raise ApiCallFailed(f"{self.model} at {self._api.url} gave no grade: {content[:80]!r}")
+            url = self._client.url(self.endpoint)
+            raise ApiCallFailed(f"{self.model} at {url} gave no grade: {content[:80]!r}")
         return float(grade.group())
 
 
-@dataclass
-class CrossEncoderJudge:
+class CrossEncoderJudge(CrossEncoderJudgeSettings):
     """A sentence-transformers CrossEncoder (hub id or folder) reading (query, passage)."""
 
-    model: str = "cross-encoder/ms-marco-MiniLM-L6-v2"
-    batch_size: int = 32
-    name: str = field(default="cross-encoder", init=False)
+    _encoder: Any = PrivateAttr(None)
 
-    _encoder: Any = field(default=None, init=False, repr=False)
+    @property
+    def name(self) -> str:
+        return "cross-encoder"
 
     def fingerprint(self) -> str:
         return hash_parts("cross-encoder", self.model)
@@ -226,15 +204,20 @@ class CrossEncoderJudge:
         return [float(s) for s in scores]
 
 
-JUDGES: dict[str, type] = {"local": LocalJudge, "api": ApiJudge, "cross-encoder": CrossEncoderJudge}
+_BACKENDS: dict[str, type[Judge]] = {
+    "local": LocalJudge,
+    "api": ApiJudge,
+    "cross-encoder": CrossEncoderJudge,
+}
 
 
-def make_judge(name: str, **settings: Any) -> Judge:
-    """The judge called `name` with `settings`; unknown names or settings are a `ValueError`
-    listing what is known."""
-    from tasks.generators import check_settings
-
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r}; known judges: {', '.join(JUDGES)}")
-    check_settings(JUDGES[name], settings, f"the {name!r} judge")
-    return JUDGES[name](**settings)
+def make_judge(settings: JudgeSettings | Mapping[str, Any] | str, **fields: Any) -> Judge:
+    """The judge `settings` describe (a model, a dict with `backend`, or a bare backend name),
+    with `fields` set on it; unknown backends or settings are a `ValueError` listing what is
+    known."""
+    if isinstance(settings, str):
+        if settings not in JUDGES:
+            raise ValueError(f"unknown judge {settings!r}; known judges: {', '.join(JUDGES)}")
+        settings = {"backend": settings}
+    chosen = TypeAdapter(JudgeSettings).validate_python(settings)
+    return _BACKENDS[chosen.backend](**(chosen.model_dump(exclude_unset=True) | fields))

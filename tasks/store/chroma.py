@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel
 
-from tasks.locks import OnWait, publish_lock
 from tasks.models import BUNDLED, cached_model, model_tag, resolve_model
 from tasks.progress import Progress
+from tasks.store.locks import OnWait, publish_lock
 from tasks.workspace import fingerprint
 
 if TYPE_CHECKING:
@@ -422,7 +422,7 @@ def publish(
     `model_id` identifies the weights (default: a hash of the model folder's weight files).
     `embed_texts` computes the vectors for chunks that need them somewhere else (e.g. shards on
     Dask workers); it must return what `embed(model, texts, document_prompt, dim)` would.
-    One publisher writes a store at a time (`tasks.locks`): this one waits at most
+    One publisher writes a store at a time (`tasks.store.locks`): this one waits at most
     `lock_timeout` seconds for another, telling `on_wait` who that is. Once complete, it removes
     versions no alias uses (what killed publishes left half-written).
     """

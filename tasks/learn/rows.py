@@ -2,7 +2,7 @@
 on the labels (UPR and ART, Sachan et al., 2022: language-model likelihood as the teacher).
 
 For each logged query the base model retrieves its top K chunks and the judge scores each one
-(cached, `tasks.judgements`). The teacher's opinion of a candidate is the same mix that
+(cached, `tasks.learn.judgements`). The teacher's opinion of a candidate is the same mix that
 re-ranking uses (standardised retriever score plus standardised judge score), since that mix
 is what measurably beats the retriever alone. Training rows come in three forms:
 
@@ -28,11 +28,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tasks.judgements import Judgements
-from tasks.judges import Judge
+from tasks.learn.judgements import Judgements
+from tasks.learn.judges import Judge
+from tasks.learn.querylog import is_held_out
+from tasks.llm.likelihood import QUERY_GROUP
 from tasks.progress import Progress
-from tasks.querylog import is_held_out
-from tasks.relevance import QUERY_GROUP, mixed_scores, rerank_order
+from tasks.retrieval.rerank import mixed_scores, rerank_order
 
 LabelForm = Literal["positives", "negatives", "distill"]
 LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
@@ -113,8 +114,8 @@ def embed_for_retrieval(
 ) -> Retrieval:
     """`corpus` and `queries` encoded by `model` with its own prompts. Equal texts are encoded
     once so their copies tie, as in evaluation."""
-    from tasks.evaluation import distinct
     from tasks.models import model_prompts
+    from tasks.retrieval.evaluation import distinct
 
     query_prompt, document_prompt = model_prompts(model)
     ids = sorted(corpus)
@@ -213,7 +214,7 @@ def _answers(
     """The judge's scores for each item, all at once where the judge batches (`score_many`),
     else one by one; None for an item whose judging failed for good (its reason added to
     `run.failed`)."""
-    from tasks.generators.api import ApiCallFailed
+    from tasks.llm.http import ApiCallFailed
 
     if items and hasattr(judge, "score_many"):
         yield from judge.score_many(items)

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.generators import Generation
 from tasks.progress import Progress
-from tasks.questions import Question
+from tasks.questions.curation import Question
+from tasks.questions.writers import Generation
 
 #: runs batches of passages somewhere and yields (batch index, generations) as each finishes
 RunBatches = Callable[[list[list[str]]], Iterable[tuple[int, list[Generation]]]]

@@ -99,6 +99,33 @@ def isa_caps() -> dict[str, str]:
     return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
 
 
+#: Overrides what "auto" picks, for every generator and judge in the process: a test run or
+#: benchmark can take the float32 path on a bf16 CPU, as a CPU without native bf16 would.
+DTYPE_ENV = "RAGTUNE_DTYPE"
+
+
+#: How Gemma computes: its weights' dtype, or float32 activations with int8 linear layers.
+DTYPES = ("float32", "bfloat16", "int8")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """ "auto" is bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: about twice
+    as fast as float32 here, and Gemma was trained in bfloat16), else float32; the environment
+    variable RAGTUNE_DTYPE, when set, decides instead. "int8" is float32 with the transformer
+    blocks' linear layers in int8, each row scaled on its own (`tasks.llm.quantisation`)."""
+    choices = ("auto", *DTYPES)
+    if dtype not in choices:
+        raise ValueError(f"dtype must be one of {', '.join(choices)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    forced = os.environ.get(DTYPE_ENV, "auto")
+    if forced not in choices:
+        raise ValueError(f"{DTYPE_ENV}={forced!r}: use one of {', '.join(choices)}")
+    if forced != "auto":
+        return forced
+    return "bfloat16" if native_bf16() else "float32"
+
+
 def native_bf16() -> bool:
     """Whether bfloat16 matrix products run in hardware here: the CPU has AVX512-BF16 or AMX,
     and oneDNN (which torch's bfloat16 linear layers go through) is not capped below them."""
@@ -116,8 +143,6 @@ def native_bf16() -> bool:
 def describe() -> str:
     """One line: CPU, its flags, cores, torch and its threads, and the dtype Gemma will use."""
     import torch
-
-    from tasks.generators.local import resolve_dtype
 
     flags = " ".join(f"{flag}{'+' if has else '-'}" for flag, has in cpu_flags().items())
     caps = " ".join(f"{name}={value}" for name, value in isa_caps().items())

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from tasks.querylog import normalise
+from tasks.text import folded
 
 
 class Judgements:
@@ -39,7 +39,7 @@ class Judgements:
         rows = self._db.execute(
             f"SELECT chunk_id, score FROM judgements WHERE query = ? AND judge = ? "
             f"AND chunk_id IN ({marks})",
-            [normalise(query), judge, *wanted],
+            [folded(query), judge, *wanted],
         )
         return dict(rows.fetchall())
 
@@ -48,7 +48,7 @@ class Judgements:
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)",
-                [(normalise(query), cid, judge, float(s)) for cid, s in scores.items()],
+                [(folded(query), cid, judge, float(s)) for cid, s in scores.items()],
             )
 
     def __len__(self) -> int:

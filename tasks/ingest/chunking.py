@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-from tasks.documents import Page
+from tasks.ingest.documents import Page
+from tasks.text import canonical
 
 MIN_TOKENS = 16
 
@@ -36,14 +36,9 @@ class Chunk:
     n_tokens: int
 
 
-def normalise(text: str) -> str:
-    """The form of a text that its id hashes: NFKC, whitespace runs collapsed, trimmed."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
-
-
 def chunk_id(text: str) -> str:
     """A stable id for a chunk's content (16 hex digits of SHA-256 of the normalised text)."""
-    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(canonical(text).encode("utf-8")).hexdigest()[:16]
 
 
 def max_chunk_tokens(model: Any) -> int:

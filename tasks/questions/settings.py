@@ -1,0 +1,124 @@
+"""Typed settings of each question writer backend, and the union a stage holds.
+
+A stage's `generator` field is `GeneratorSettings`: a union of these models discriminated by
+`backend`, so the dashboard's form, the command line's help and `prefect.yaml` show every field
+of the chosen backend, and a typo or a bad value fails before any run starts. The writers
+themselves (`tasks.questions.local`, `tasks.questions.api`) extend these models with behaviour;
+this module imports neither torch nor the model, so reading settings stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from tasks.llm.http import ApiConnection
+from tasks.questions.prompts import (
+    DEFAULT_CHAT_SYSTEM,
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_FEW_SHOT,
+    DEFAULT_FEW_SHOT_TEMPLATE,
+    FewShot,
+    as_few_shot,
+    check_template,
+)
+from tasks.settings import Settings
+
+DType = Literal["auto", "float32", "bfloat16", "int8"]
+
+
+class _Prompted(Settings):
+    """What both writers show the model: few-shot examples and real queries' style."""
+
+    few_shot: list[FewShot] = Field(
+        default_factory=lambda: list(DEFAULT_FEW_SHOT),
+        description='(passage, question) examples, as pairs or {"passage", "question"} '
+        "objects; a seeded sample of few_shot_k is shown per passage.",
+    )
+    example_queries: list[str] = Field(
+        default_factory=list,
+        description="Real user queries whose style the questions should follow (Promptagator); "
+        "keep them out of any evaluation set.",
+    )
+    template: str = Field(
+        DEFAULT_FEW_SHOT_TEMPLATE,
+        description="The few-shot document for a base model, with {examples} and {passage}.",
+    )
+
+    @field_validator("few_shot", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> list[FewShot]:
+        return as_few_shot(value)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return check_template(value, ["examples", "passage"], "template")
+
+
+class LocalGeneratorSettings(_Prompted):
+    """The bundled Gemma 3 270M base model, offline."""
+
+    backend: Literal["local"] = "local"
+    # 16 measured ~1.9x faster than 8 on 2 cores; 32 and 48 no faster than 16: decoding reads
+    # the weights once per step whatever the batch.
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass (left-padded).")
+    max_new_tokens: int = Field(40, ge=1, description="New tokens per question.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling's share of the mass.")
+    few_shot_k: int = Field(2, ge=1, description="Examples shown per passage.")
+    max_passage_chars: int = Field(
+        1200, ge=1, description="Passages (and examples) are cut to this many characters."
+    )
+    dtype: DType = Field(
+        "auto",
+        description="auto: bfloat16 where the CPU computes it natively, else float32; int8: "
+        "float32 with int8 linear layers.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads while generating; blank: one per idle core."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where the dequantised weights live; blank: $RAGTUNE_CACHE or ~/.cache."
+    )
+
+
+class ApiGeneratorSettings(_Prompted, ApiConnection):
+    """An LLM behind an OpenAI-compatible API: chat for instruction models, completions (the
+    few-shot document) for base models."""
+
+    backend: Literal["api"] = "api"
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat for instruction models, completions for base models."
+    )
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Completion tokens per call; blank: 48 per question asked for."
+    )
+    send_seed: bool = Field(
+        True,
+        description="Send a per-passage seed (from the stage's seed) where the server takes one.",
+    )
+    chat_system: str = Field(DEFAULT_CHAT_SYSTEM, description="The chat's system message.")
+    chat_template: str = Field(
+        DEFAULT_CHAT_TEMPLATE,
+        description="The chat's user message, with {passage} (and optionally {n}, {style}).",
+    )
+    few_shot_k: int = Field(3, ge=1, description="Examples shown per passage (completions).")
+    max_passage_chars: int = Field(
+        1500, ge=1, description="Passages are cut to this many characters in the prompt."
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str) -> str:
+        return check_template(value, ["passage"], "chat_template")
+
+
+GeneratorSettings = Annotated[
+    LocalGeneratorSettings | ApiGeneratorSettings, Field(discriminator="backend")
+]
+
+#: The backends a stage can name, in the order the command line offers them.
+GENERATORS = ("local", "api")
