@@ -29,7 +29,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-    from flows.pipeline import PipelineParams, pipeline
+    from flows.params import PipelineParams
+    from flows.pipeline import pipeline
     from flows.refresh import refresh
     from tasks.llm.gemma import cache_root
 

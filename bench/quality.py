@@ -114,8 +114,9 @@ def base_eval(split: LabelledSplit, model_ref: str, dims: list[int], folder: Pat
 def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace) -> dict:
     """Ingest the corpus and ask the local generator about a seeded sample of its chunks,
     through the flows a user runs; returns the counts and timings."""
-    from flows.ingest import IngestParams, ingest
-    from flows.questions import QuestionParams, ask
+    from flows.ingest import ingest
+    from flows.params import IngestParams, QuestionParams
+    from flows.questions import ask
     from tasks.llm.gemma import unload_gemma
     from tasks.questions.writers import make_generator
 
@@ -125,7 +126,7 @@ def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace
     )
     ingest_s = time.perf_counter() - t
 
-    settings: dict[str, Any] = {"batch_size": args.gen_batch_size}
+    settings: dict[str, Any] = {"backend": "local", "batch_size": args.gen_batch_size}
     if args.few_shot_mode == "example_queries" and split.examples:
         settings["example_queries"] = split.examples
     if args.few_shot_mode == "pairs" and split.example_pairs:
@@ -133,21 +134,18 @@ def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace
         settings["max_passage_chars"] = args.max_passage_chars
     params = QuestionParams(
         workspace=str(ws.root),
-        generator="local",
-        generator_settings=settings,
+        generator=settings,
         questions_per_chunk=args.n,
         max_chunks=args.chunks,
         round_trip_top_k=args.round_trip_top_k,
-        round_trip_model=args.base_model,
+        base_model=args.base_model,
         # Claims are statements: in pairs mode the examples show that style, so keep it.
         questions_only=args.few_shot_mode != "pairs",
         test_size=0.0,
         seed=args.seed,
     )
     # The settings the questions flow itself gives make_generator.
-    generator = TimedGenerator(
-        make_generator("local", n=args.n, seed=args.seed, **params.generator_settings)
-    )
+    generator = TimedGenerator(make_generator(params.generator, n=args.n, seed=args.seed))
     t = time.perf_counter()
     asked = ask(params, generator)
     questions_s = time.perf_counter() - t
@@ -172,7 +170,8 @@ def make_questions(args: argparse.Namespace, split: LabelledSplit, ws: Workspace
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.finetune import FinetuneParams, finetune
+    from flows.finetune import finetune
+    from flows.params import FinetuneParams
 
     started = time.perf_counter()
     split = labelled_split(args.beir, args.split, args.few_shot, args.seed)

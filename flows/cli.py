@@ -7,7 +7,9 @@ drift; `--set KEY=VALUE` reaches any field, a dotted key a field of a section
 (`--set finetune.epochs=3`). Built on click (the library under typer), because the options are
 generated from the models rather than written out.
 
-Commands that need no flow run (search, rollback, prune, unlock) start no Prefect server.
+Commands that need no flow run (search, rollback, prune, unlock) start no Prefect server. The
+options come from `flows.params`, which imports neither Prefect nor torch nor Chroma; each
+command imports what it runs only when it runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -65,9 +67,26 @@ def parse_settings(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
 # --- options from parameter models ------------------------------------------------------------
 
 
+def backend_models(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The settings models of a field that chooses a backend (a union discriminated by
+    `backend`), by backend name; empty for any other field."""
+    found: dict[str, type[BaseModel]] = {}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        backend = annotation.model_fields.get("backend")
+        if backend is not None and typing.get_origin(backend.annotation) is Literal:
+            found[typing.get_args(backend.annotation)[0]] = annotation
+        return found
+    for arg in typing.get_args(annotation):
+        found |= backend_models(arg)
+    return found
+
+
 def _option_type(annotation: Any) -> tuple[click.ParamType | None, bool]:
     """(click type, several values?) for a field's annotation; None for what only `--set`
-    takes (sections, dicts)."""
+    takes (sections, dicts). A backend field takes the backend's name."""
+    backends = backend_models(annotation)
+    if backends:
+        return click.Choice(list(backends)), False
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         annotation = args[0]
@@ -89,6 +108,7 @@ def model_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[cl
             continue
         flag = f"-{name}" if len(name) == 1 else f"--{name.replace('_', '-')}"
         default = field.get_default(call_default_factory=True)
+        default = getattr(default, "backend", default)
         shown = "" if default in (None, "", [], {}) else f" [default: {default}]"
         if kind is click.BOOL and not multiple:
             decls = [f"{flag}/--no-{name.replace('_', '-')}"]
@@ -107,18 +127,42 @@ def model_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[cl
     return options
 
 
-def sections_help(model: type[BaseModel]) -> str:
-    """The fields of each section of `model`, for the help of commands that take sections."""
-    blocks = ["Sections, set with --set SECTION.FIELD=VALUE:"]
-    for name, field in model.model_fields.items():
-        section = field.annotation
-        if isinstance(section, type) and issubclass(section, BaseModel):
-            lines = [f"\b\n{name}.*  {field.description}"]
-            lines += [
-                f"  {name}.{key}: {sub.description}" for key, sub in section.model_fields.items()
-            ]
-            blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+def settings_help(model: type[BaseModel]) -> str | None:
+    """The fields inside `model`'s sections and backends, for the help of commands that take
+    them: each section's fields, and each backend's own under the field that chooses it."""
+    blocks = [
+        block
+        for name, field in model.model_fields.items()
+        for block in _nested_help(name, field.annotation, field.description or "")
+    ]
+    if not blocks:
+        return None
+    heading = "Settings inside sections and backends, set with --set KEY=VALUE:"
+    return "\n\n".join([heading, *blocks])
+
+
+def _nested_help(prefix: str, annotation: Any, description: str) -> list[str]:
+    backends = backend_models(annotation)
+    if backends:
+        return [
+            "\n".join(
+                [f"\b\n{prefix}.backend={backend}  {(cls.__doc__ or '').splitlines()[0]}"]
+                + [
+                    f"  {prefix}.{key}: {sub.description}"
+                    for key, sub in cls.model_fields.items()
+                    if key != "backend"
+                ]
+            )
+            for backend, cls in backends.items()
+        ]
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return []
+    lines = [f"\b\n{prefix}.*  {description}"]
+    nested: list[str] = []
+    for key, sub in annotation.model_fields.items():
+        lines.append(f"  {prefix}.{key}: {sub.description}")
+        nested += _nested_help(f"{prefix}.{key}", sub.annotation, sub.description or "")
+    return ["\n".join(lines), *nested]
 
 
 def build_params(model: type[BaseModel], given: dict[str, Any], pairs: tuple[str, ...]) -> Any:
@@ -126,13 +170,28 @@ def build_params(model: type[BaseModel], given: dict[str, Any], pairs: tuple[str
     usage error that names it."""
     values = {key: value for key, value in given.items() if value not in (None, ())}
     values = {key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}
+    for key in list(values):
+        if backend_models(model.model_fields[key].annotation):
+            values[key] = {"backend": values[key]}
     try:
-        return model(**(values | parse_settings(pairs)))
+        return model(**_merged(values, parse_settings(pairs)))
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or model.__name__}: {e['msg']}" for e in exc.errors()
         )
         raise click.UsageError(problems) from None
+
+
+def _merged(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `more` laid over it, sections merged key by key: `--generator api` and
+    `--set generator.model=m` together are one generator."""
+    out = dict(base)
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 SET_OPTION = click.Option(
@@ -149,7 +208,6 @@ def model_command(
     action: Callable[[Any], Any],
     help: str,
     arguments: tuple[str, ...] = (),
-    epilog: str | None = None,
 ) -> click.Command:
     """A command whose options are `model`'s fields (`arguments` positional), plus `--set`."""
     params: list[click.Parameter] = []
@@ -166,7 +224,7 @@ def model_command(
         callback=callback,
         params=[*params, *model_options(model, skip=arguments), SET_OPTION],
         help=help,
-        epilog=epilog,
+        epilog=settings_help(model),
     )
 
 
@@ -224,7 +282,7 @@ def unlock(params: Any) -> None:
 
 def demo(workspace: str) -> None:
     from flows.demo import print_demo_summary
-    from flows.pipeline import PipelineParams
+    from flows.params import PipelineParams
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _configure_environment()
@@ -233,19 +291,21 @@ def demo(workspace: str) -> None:
 
 
 def build_cli() -> click.Group:
-    from flows.evaluate import EvaluateParams
-    from flows.finetune import FinetuneParams
-    from flows.ingest import IngestParams
-    from flows.learn import LearnParams
-    from flows.pipeline import PipelineParams
-    from flows.publish import PublishParams
-    from flows.questions import QuestionParams
-    from flows.search import SearchParams, StoreParams
-
-    class AliasParams(StoreParams):
-        alias: str = SearchParams.model_fields["alias"]
+    from flows.params import (
+        AliasParams,
+        EvaluateParams,
+        FinetuneParams,
+        IngestParams,
+        LearnParams,
+        PipelineParams,
+        PublishParams,
+        QuestionParams,
+        SearchParams,
+        StoreParams,
+    )
 
     cli = click.Group("ragtune", help=__doc__.split("\n\n")[0])
+    click.version_option(package_name="ragtune", prog_name="ragtune")(cli)
     cli.add_command(
         click.Command(
             "demo",
@@ -261,7 +321,6 @@ def build_cli() -> click.Group:
             lambda p: _print_json(run_pipeline(p)),
             "Run the whole pipeline on SOURCES (folders or files).",
             arguments=("sources",),
-            epilog=sections_help(PipelineParams),
         )
     )
     stages = {

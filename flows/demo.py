@@ -75,7 +75,7 @@ def _rank(rank: int | None) -> str:
 
 
 def print_demo_summary(result: Any, workspace: str) -> None:
-    from flows.search import SearchParams
+    from flows.params import SearchParams
     from flows.search import search as search_flow
     from tasks.workspace import Workspace
 

@@ -15,9 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact, table
-from flows.params import Params
+from flows.params import EvaluateParams
 from tasks.llm.likelihood import local_judge_name
-from tasks.models import MINILM, load_model
+from tasks.models import load_model
 from tasks.retrieval.beir import load_beir
 from tasks.retrieval.evaluation import (
     MetricsError,
@@ -38,52 +38,6 @@ from tasks.retrieval.report import (
 from tasks.retrieval.rerank import rerank_evaluation
 from tasks.training.data import held_out_queries
 from tasks.workspace import Workspace, load_rows
-
-
-class EvaluateSettings(Params):
-    """How the tuned model is judged: the evaluate section of the pipeline's parameters."""
-
-    other_models: list[str] = Field(
-        default_factory=list,
-        description="More models to show in the report for comparison (not gated).",
-    )
-    beir_folder: str | None = Field(
-        None,
-        description="Evaluate on a labelled BEIR folder (corpus.jsonl, queries.jsonl, "
-        "qrels/<split>.tsv) instead of the held-out generated questions.",
-    )
-    beir_split: str = Field("test", description="Which qrels/<split>.tsv of the BEIR folder.")
-    tolerance: float = Field(
-        0.01,
-        ge=0,
-        lt=1,
-        description="Publish the smallest dimension whose NDCG@10 is within this relative "
-        "distance of the best one.",
-    )
-    margin: float | None = Field(
-        None,
-        description="Required mean NDCG@10 gain; default: the 95% interval's lower end above 0.",
-    )
-    rerank: int = Field(
-        0,
-        ge=0,
-        le=100,
-        description="Also score the tuned model with its top N re-ranked by the bundled LLM "
-        "judge at the chosen dimension (what `ragtune search --rerank N` gives; about a second "
-        "per query on CPU); 0: off.",
-    )
-    run_name: str | None = Field(None, description="Report folder name; default: a timestamp.")
-
-
-class EvaluateParams(EvaluateSettings):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    base_model: str = Field(
-        MINILM, description="The model the tuned one must beat (bundled name, folder or hub id)."
-    )
-    tuned_model: str | None = Field(
-        None,
-        description="Folder of the tuned model; default: the newest model in the workspace.",
-    )
 
 
 class EvaluateResult(BaseModel):

@@ -12,66 +12,19 @@ from pathlib import Path
 
 from datasets import Dataset
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from flows.artifacts import markdown, progress_artifact
-from flows.params import Params
-from tasks.models import MINILM, model_tag
+from flows.params import FinetuneParams
+from tasks.models import model_tag
 from tasks.retrieval.report import markdown_table
 from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
-from tasks.training.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from tasks.training.recipes import get_recipe
 from tasks.training.trainer import TrainResult, train
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
 CURVE_ROWS = 60
-
-
-class FinetuneSettings(Params):
-    """How the model is trained: the finetune section of the pipeline's parameters."""
-
-    recipe: str | None = Field(
-        None, description=f"Training recipe: {', '.join(RECIPES)}; blank: the profile's."
-    )
-    train_file: str | None = Field(
-        None,
-        description="Your own pairs/triplets (CSV, JSONL or a saved dataset folder with "
-        "anchor/positive[/negative] or query/passage columns); blank: the workspace questions.",
-    )
-    epochs: int | None = Field(None, description="Epochs; blank: the recipe's.")
-    batch_size: int | None = Field(None, description="Batch size; blank: the recipe's.")
-    learning_rate: float | None = Field(None, description="Learning rate; blank: the recipe's.")
-    max_steps: int | None = Field(
-        None, description="Stop after this many steps (wins over epochs)."
-    )
-    max_seq_length: int | None = Field(
-        None, description="Truncate training inputs to this many tokens (~128 is faster on CPU)."
-    )
-    hard_negatives: bool | None = Field(
-        None,
-        description="Mine hard negatives from the workspace's chunks; blank: only when the "
-        "recipe needs them.",
-    )
-    output_name: str | None = Field(
-        None, description="Folder name under models/; blank: derived from model, recipe, data."
-    )
-    log_weight: float = Field(
-        1.0,
-        ge=0,
-        description="Weight of the rows `learn` made from logged queries, where there are "
-        "any (2: each row twice; 0: leave them out).",
-    )
-    synthetic_weight: float = Field(
-        1.0, ge=0, description="Weight of the synthetic questions (0: train on the log alone)."
-    )
-
-
-class FinetuneParams(FinetuneSettings):
-    # Run alone, the stage has no profile: its own default recipe.
-    recipe: str = Field(DEFAULT_RECIPE, description=f"Training recipe: {', '.join(RECIPES)}.")
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    base_model: str = Field(MINILM, description="Model to tune: bundled name, hub id or folder.")
-    seed: int = Field(42, description="Seed for batching and initialisation.")
 
 
 class FinetuneResult(BaseModel):

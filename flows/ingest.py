@@ -13,38 +13,12 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact
-from flows.params import Params
+from flows.params import IngestParams
 from tasks.ingest.chunking import chunk_pages, max_chunk_tokens
 from tasks.ingest.documents import RecordFields, read_documents
-from tasks.models import MINILM, cached_model
+from tasks.models import cached_model
 from tasks.retrieval.report import markdown_table
 from tasks.workspace import Workspace, fingerprint_rows, save_rows
-
-
-class IngestSettings(Params):
-    """How documents become chunks: the ingest section of the pipeline's parameters."""
-
-    max_tokens: int = Field(
-        256, description="Chunk length in the model's tokens; capped at what the model embeds."
-    )
-    overlap: int = Field(32, description="Tokens repeated between neighbouring chunks.")
-    records_id_field: str = Field("_id", description="Record files: the field with the id.")
-    records_text_field: str = Field("text", description="Record files: the field with the text.")
-    records_title_field: str | None = Field(
-        "title", description="Record files: the field with a title (blank: none)."
-    )
-
-
-class IngestParams(IngestSettings):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    sources: list[str] = Field(
-        default_factory=lambda: ["data/sources"],
-        description="Folders or files to read: PDF, Markdown, text, and JSONL/CSV record files.",
-    )
-    model: str = Field(
-        MINILM,
-        description="Embedding model whose tokenizer measures chunks (bundled name, hub id, path).",
-    )
 
 
 class IngestResult(BaseModel):
@@ -65,11 +39,11 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:  # noqa: B008
     """Read the sources, chunk them with the model's tokenizer and save the chunk set."""
     logger = get_run_logger()
     ws = Workspace.at(params.workspace)
-    model = cached_model(params.model)
+    model = cached_model(params.base_model)
     limit = max_chunk_tokens(model)
     max_tokens = min(params.max_tokens, limit)
     if max_tokens < params.max_tokens:
-        print(f"max_tokens {params.max_tokens} capped at {limit}: what {params.model} embeds")
+        print(f"max_tokens {params.max_tokens} capped at {limit}: what {params.base_model} embeds")
 
     pages, skipped = read_documents(
         params.sources,
@@ -128,7 +102,7 @@ def _summary(
     ]
     text = (
         f"# Ingest\n\nSources: {', '.join(params.sources)}; chunks of at most {max_tokens} "
-        f"{params.model} tokens, {params.overlap} overlapping.\n\n" + markdown_table(counts)
+        f"{params.base_model} tokens, {params.overlap} overlapping.\n\n" + markdown_table(counts)
     )
     if skipped:
         text += f"\n## Skipped ({len(skipped)})\n\n" + "\n".join(f"- {s}" for s in skipped) + "\n"

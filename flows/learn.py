@@ -13,19 +13,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.artifacts import markdown, progress_artifact
-from flows.params import Params
+from flows.params import LearnParams
 from tasks.learn.judgements import Judgements
-from tasks.learn.judges import JUDGES, make_judge
+from tasks.learn.judges import make_judge
 from tasks.learn.querylog import LOG_NAME, read_queries, unique_queries
 from tasks.learn.rows import (
     JudgedQuery,
-    LabelForm,
     Retrieval,
     choose_nudge_step,
     embed_for_retrieval,
@@ -33,43 +31,9 @@ from tasks.learn.rows import (
     judged_eval_set,
     training_rows,
 )
-from tasks.models import MINILM, load_model
+from tasks.models import load_model
 from tasks.retrieval.report import markdown_table
 from tasks.workspace import Workspace, load_rows, save_rows
-
-
-class LearnSettings(Params):
-    """How logged queries become training data: the learn section of the pipeline."""
-
-    judge: str = Field("local", description=f"Who labels the queries: {', '.join(JUDGES)}.")
-    judge_settings: dict[str, Any] = Field(
-        default_factory=dict,
-        description='The judge\'s settings, e.g. {"base_url": ..., "model": ..., "mode": '
-        '"chat"} for api, {"model": "cross-encoder/..."} for cross-encoder.',
-    )
-    queries_file: str | None = Field(
-        None,
-        description="A log you already have, read besides the workspace's: one query per line "
-        "(.txt), JSONL or CSV with the query in `queries_field`.",
-    )
-    queries_field: str = Field("query", description="The query's field in a JSONL or CSV log.")
-    # 20, not 10: on SciFact the nudge and the distilled model both gained more from twice the
-    # candidates (+4.98 against +3.38 NDCG@10 together), for twice the judge's time.
-    top_k: int = Field(20, ge=2, le=100, description="Candidates the judge scores per query.")
-    label_form: LabelForm = Field(
-        "positives",
-        description="positives: (query, judge's top chunk); negatives: plus a hard negative; "
-        "distill: the judge's scores over all candidates (recipe matryoshka-distill).",
-    )
-    held_out_share: float = Field(
-        0.2, ge=0, lt=1, description="Share of the log (by query, seeded) never trained on."
-    )
-
-
-class LearnParams(LearnSettings):
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    base_model: str = Field(MINILM, description="Model whose top K candidates the judge reads.")
-    seed: int = Field(42, description="Seed of the held-out split.")
 
 
 class LearnResult(BaseModel):
@@ -119,7 +83,7 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
     print(f"{len(queries)} distinct logged queries; retrieving the top {params.top_k} of each")
     retrieval = embed_for_retrieval(load_model(params.base_model), texts, queries)
     candidates = retrieval.top(params.top_k)
-    judge = make_judge(params.judge, **params.judge_settings)
+    judge = make_judge(params.judge)
     cache = Judgements(ws.judgement_cache)
     try:
         run = judge_queries(

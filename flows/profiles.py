@@ -3,17 +3,15 @@ recipe of seed 003 (bge-base-en-v1.5, an LLM behind an OpenAI-compatible API, 5 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from tasks.models import BGE_BASE, MINILM
-
-ProfileName = Literal["demo", "production"]
 
 #: Per profile: the base model, then a value for fields of each stage's section.
 PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "base_model": MINILM,
-        "questions": {"generator": "local", "questions_per_chunk": 3},
+        "questions": {"generator": {"backend": "local"}, "questions_per_chunk": 3},
         "finetune": {
             "recipe": "matryoshka-mnrl",
             "epochs": 3,
@@ -26,7 +24,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "production": {
         "base_model": BGE_BASE,
-        "questions": {"generator": "api", "questions_per_chunk": 2},
+        "questions": {"generator": {"backend": "api"}, "questions_per_chunk": 2},
         "finetune": {
             "recipe": "matryoshka-mnrl",
             "epochs": 5,

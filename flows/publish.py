@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
 
 from flows.artifacts import markdown, progress_artifact
-from flows.params import Params
-from flows.runners import RunnerParams, fan_out, started_on_first_use, worker_slots
-from flows.search import StoreParams
+from flows.params import PublishParams, PublishSettings
+from flows.runners import fan_out, started_on_first_use, worker_slots
 from tasks.models import cached_model, load_model, model_prompts
 from tasks.retrieval.report import markdown_table
 from tasks.store import chroma
@@ -34,45 +32,6 @@ from tasks.workspace import Workspace, fingerprint, load_rows
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
     from sentence_transformers import SentenceTransformer
-
-
-class PublishSettings(Params):
-    """Where and how a model's chunks are published: the publish section of the pipeline's
-    parameters."""
-
-    alias: str = Field("docs", description="Stable name readers query; moved to the new version.")
-    corpus: str = Field("docs", description="Corpus name, the first part of collection names.")
-    keep_versions: int = Field(
-        3, ge=2, description="Versions kept per alias (live and previous are always kept)."
-    )
-    lock_timeout_s: float = Field(
-        3600,
-        gt=0,
-        description="Seconds to wait for another publisher of the same store before failing.",
-    )
-    nudge: bool = Field(
-        False,
-        description="Move the vectors of the chunks the judge chose for logged queries towards "
-        "those queries (NUDGE, with the step `ragtune learn` chose), so queries like them find "
-        "those chunks; needs `ragtune learn` first.",
-    )
-    nudge_step: float | None = Field(
-        None, ge=0, description="With nudge: how far to move them; blank: the step learn chose."
-    )
-
-
-class PublishParams(PublishSettings, StoreParams, RunnerParams):
-    model: str | None = Field(
-        None,
-        description="Embedding model (folder, bundled name or hub id); blank: the newest model "
-        "in the workspace's models/.",
-    )
-    dim: int | None = Field(
-        None, ge=1, description="Embedding dimension (Matryoshka); blank: the model's full width."
-    )
-    metrics: dict[str, float] = Field(
-        default_factory=dict, description="Headline metrics to record on the collection."
-    )
 
 
 def report_waiting(holder: Holder | None) -> None:

@@ -15,19 +15,21 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from flows.artifacts import markdown, progress_artifact
-from flows.params import Params
-from flows.runners import RunnerParams, fan_out, started_on_first_use
-from tasks.models import MINILM, cached_model
+from flows.params import QuestionParams
+from flows.runners import fan_out, started_on_first_use
+from tasks.llm.http import redact
+from tasks.models import cached_model
 from tasks.questions.cache import QuestionCache, RunBatches, generate_with_cache
 from tasks.questions.curation import Curation, Question, curate, sample_chunks
+from tasks.questions.settings import GeneratorSettings
 from tasks.questions.writers import Generation, QuestionGenerator, make_generator
 from tasks.retrieval.report import markdown_table
 from tasks.text import shorten
@@ -35,60 +37,6 @@ from tasks.workspace import Workspace, load_rows, save_rows
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
-
-
-class QuestionSettings(Params):
-    """How questions are asked, filtered and split: the questions section of the pipeline's
-    parameters."""
-
-    generator: str | None = Field(
-        None, description="Question generator: local (bundled) or api; blank: the profile's."
-    )
-    generator_settings: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Generator settings, e.g. base_url and model for api. Keys belong in the "
-        "environment, never here.",
-    )
-    questions_per_chunk: int | None = Field(
-        None, ge=1, description="Questions asked per chunk; blank: the profile's."
-    )
-    max_chunks: int | None = Field(
-        None, ge=1, description="Ask about at most this many chunks (a seeded sample); blank: all."
-    )
-    round_trip_top_k: int = Field(
-        10, ge=1, description="Keep a question only if the base model ranks its chunk this high."
-    )
-    questions_only: bool = Field(
-        True,
-        description="Keep only generated lines that end with '?'. Turn off when your users "
-        "search with statements or keywords (claims, titles) and the few-shot examples in "
-        "generator_settings show that style.",
-    )
-    test_size: float = Field(0.2, ge=0, lt=1, description="Share of questions held out for test.")
-    split_by: Literal["chunk", "document"] = Field(
-        "chunk", description="Keep each chunk (or each whole document) on one side of the split."
-    )
-    generation_batch: int = Field(
-        16,
-        ge=1,
-        description="Chunks per generation batch: the question cache is written batch by batch, "
-        "and with task_runner=dask each batch is one task on a worker.",
-    )
-
-
-class QuestionParams(QuestionSettings, RunnerParams):
-    # Run alone, the stage has no profile: its own defaults.
-    generator: str = Field("local", description="Question generator: local (bundled) or api.")
-    questions_per_chunk: int = Field(2, ge=1, description="Questions asked per chunk.")
-    round_trip_model: str = Field(
-        MINILM, description="The base embedding model used for the round-trip filter."
-    )
-    seed: int = Field(42, description="Seed for the chunk sample, the generator and the split.")
-
-    def generator_kwargs(self) -> dict[str, Any]:
-        """The settings the generator is built with: n and seed from these parameters, then
-        the user's own settings."""
-        return {"n": self.questions_per_chunk, "seed": self.seed, **self.generator_settings}
 
 
 class QuestionsResult(BaseModel):
@@ -109,24 +57,31 @@ class QuestionsResult(BaseModel):
 @flow(name="questions", log_prints=True)
 def questions(params: QuestionParams = QuestionParams()) -> QuestionsResult:  # noqa: B008
     """Generate, filter and split questions about the workspace's chunks."""
-    return ask(params, make_generator(params.generator, **params.generator_kwargs()))
+    return ask(params, writer(params.generator, params.questions_per_chunk, params.seed))
+
+
+def writer(settings: GeneratorSettings | dict[str, Any], n: int, seed: int) -> QuestionGenerator:
+    """The question writer `settings` describe, asking `n` questions per chunk with the stage's
+    seed: what the flow and every Dask worker build."""
+    return make_generator(settings, n=n, seed=seed)
 
 
 @task(name="generate-questions", cache_policy=NO_CACHE, persist_result=False)
 def generate_batch(
-    generator: str, settings: dict[str, Any], fingerprint: str, passages: list[str]
+    settings: dict[str, Any], n: int, seed: int, fingerprint: str, passages: list[str]
 ) -> list[Generation]:
     """One batch of passages, on whichever worker runs it.
 
-    The worker builds the generator from its name and settings (a local model loads once per
-    worker process; an API key is read from the worker's own environment). Its fingerprint must
-    match the flow's, or the flow would cache these questions under another generator's key.
+    The worker builds the writer from its settings (a local model loads once per worker
+    process; an API key is read from the worker's own environment). Its fingerprint must match
+    the flow's, or the flow would cache these questions under another writer's key.
     """
-    built = make_generator(generator, **settings)
+    built = writer(settings, n, seed)
     if built.fingerprint() != fingerprint:
         raise RuntimeError(
-            f"the {generator!r} generator on this worker has fingerprint {built.fingerprint()}, "
-            f"the flow's has {fingerprint}: run the same ragtune version on workers and flow"
+            f"the {built.name!r} generator on this worker has fingerprint "
+            f"{built.fingerprint()}, the flow's has {fingerprint}: run the same ragtune version "
+            "on workers and flow"
         )
     return built.generate(passages)
 
@@ -135,14 +90,15 @@ def on_runner(
     runner: Callable[[], DaskTaskRunner], params: QuestionParams, fingerprint: str
 ) -> RunBatches:
     """Run generation batches as `generate_batch` tasks on `runner()`, yielding each as it ends."""
-    settings = params.generator_kwargs()
+    settings = params.generator.model_dump()
 
     def run(batches: list[list[str]]) -> Iterator[tuple[int, list[Generation]]]:
         print(f"sending {len(batches)} generation batches to Dask")
         calls = [
             {
-                "generator": params.generator,
                 "settings": settings,
+                "n": params.questions_per_chunk,
+                "seed": params.seed,
                 "fingerprint": fingerprint,
                 "passages": passages,
             }
@@ -191,12 +147,12 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
         f"{stats['failed']} failed"
     )
     for error in stats["errors"]:
-        print(f"generation failed: {_redact(error, params.generator_settings)}")
+        print(f"generation failed: {redact(error, _secrets(params.generator))}")
 
     summary = curate(
         asked,
         chunks,
-        cached_model(params.round_trip_model),
+        cached_model(params.base_model),
         questions_only=params.questions_only,
         test_size=params.test_size,
         seed=params.seed,
@@ -238,17 +194,14 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
 _SECRET_WORDS = ("key", "token", "secret", "password", "auth")
 
 
-def _redact(text: str, settings: dict[str, Any]) -> str:
-    """Mask secrets an error message may echo (a key in a URL or header): secret-looking
-    settings and environment variables."""
-    secrets = [
+def _secrets(settings: BaseModel) -> list[str]:
+    """What an error message may echo that must not reach a log (a key in a URL or header):
+    secret-looking settings and environment variables."""
+    return [
         str(value)
-        for name, value in [*settings.items(), *os.environ.items()]
+        for name, value in [*settings.model_dump().items(), *os.environ.items()]
         if any(word in name.lower() for word in _SECRET_WORDS) and len(str(value)) >= 8
     ]
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def _report(
@@ -288,7 +241,7 @@ def _report(
     text = (
         f"# Questions\n\nGenerator `{generator.name}` (fingerprint `{generator.fingerprint()}`), "
         f"{params.questions_per_chunk} per chunk, {chosen} of {len(chunks)} chunks; round trip "
-        f"through `{params.round_trip_model}` at top {params.round_trip_top_k}; split by "
+        f"through `{params.base_model}` at top {params.round_trip_top_k}; split by "
         f"{params.split_by}, test share {params.test_size}.\n\n"
         + markdown_table(counts)
         + "\n## Dropped, by reason\n\n"
@@ -299,6 +252,6 @@ def _report(
         + markdown_table(samples)
     )
     if stats["errors"]:
-        errors = "\n".join(f"- {_redact(e, params.generator_settings)}" for e in stats["errors"])
+        errors = "\n".join(f"- {redact(e, _secrets(params.generator))}" for e in stats["errors"])
         text += f"\n## Generation errors (first {len(stats['errors'])})\n\n{errors}\n"
     return text

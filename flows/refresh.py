@@ -11,11 +11,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.incremental import StageRunner, sources_key
-from flows.ingest import ingest
-from flows.pipeline import RefreshParams
+from flows.params import RefreshParams
+from flows.pipeline import ingest_and_ask
 from flows.publish import publish
-from flows.questions import questions
 from tasks.store.chroma import AliasNotFound, resolve_alias
 
 
@@ -32,9 +30,7 @@ class RefreshResult(BaseModel):
 def refresh(params: RefreshParams | None = None) -> RefreshResult:
     """Ingest new or changed documents, ask about new chunks, re-publish with the live model."""
     p = (params or RefreshParams()).resolved()
-    stages = StageRunner(p.workspace, first_key=sources_key(p.sources))
-    chunked = stages.run("ingest", ingest, p.ingest_params())
-    asked = stages.run("questions", questions, p.question_params())
+    stages, chunked, asked = ingest_and_ask(p)
     model, dim = _live_model(p)
     published = stages.run("publish", publish, p.publish_params(p.publish, model=model, dim=dim))
     new_calls = 0 if "questions" in stages.reused else asked.llm_calls

@@ -12,53 +12,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import Field
-
-from flows.params import Params
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
-
-TaskRunnerName = Literal["threads", "dask"]
-
-
-#: The fields that say where work runs, not what it produces.
-RUNNER_FIELDS = ("task_runner", "dask_address", "dask_workers")
-
-
-class RunnerParams(Params):
-    """Parameters of a stage that can fan its work out to Dask.
-
-    `workspace` is declared here too, so that it stays the first field of every stage's form
-    (pydantic orders inherited fields first).
-    """
-
-    workspace: str = Field("workspace", description="Folder where every stage reads and writes.")
-    task_runner: TaskRunnerName = Field(
-        "threads",
-        description="threads: generate and embed in the flow's own process. dask: one Prefect "
-        "task per batch on a Dask cluster (prefect-dask).",
-    )
-    dask_address: str | None = Field(
-        None,
-        description="Scheduler of a running Dask cluster, e.g. tcp://dask-scheduler:8786 "
-        "(Kubernetes, dask-gateway); blank: a temporary local cluster.",
-    )
-    dask_workers: int = Field(
-        2, ge=1, description="Worker processes of the temporary local cluster."
-    )
-
-    def runner_settings(self) -> dict[str, Any]:
-        """Just the runner fields, to hand on to another flow's parameters."""
-        return self.model_dump(include=set(RUNNER_FIELDS))
-
-    def dask_runner(self) -> DaskTaskRunner | None:
-        """The Dask task runner these parameters ask for, or None to work in-process."""
-        if self.task_runner != "dask":
-            return None
-        return dask_runner(self.dask_address, self.dask_workers)
 
 
 def fan_out(runner: DaskTaskRunner, task: Any, calls: list[dict[str, Any]]) -> list[Any]:

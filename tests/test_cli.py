@@ -6,8 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.cli import build_params, main, parse_settings
-from flows.pipeline import PipelineParams, RefreshParams
-from flows.search import SearchParams
+from flows.params import PipelineParams, QuestionParams, RefreshParams, SearchParams
 from tasks.models import MINILM
 from tasks.store import chroma
 from tests.test_store import nist_rows
@@ -43,10 +42,62 @@ def test_dotted_keys_reach_a_section_and_the_profile_fills_the_rest():
     assert resolved.sources == ["a/", "b/"]
     assert resolved.finetune.epochs == 3  # what the user set wins over the demo profile's 3...
     assert resolved.finetune.batch_size == 32  # ...and the profile fills what they did not set
-    assert resolved.questions.generator == "local" and resolved.base_model == MINILM
+    assert resolved.questions.generator.backend == "local" and resolved.base_model == MINILM
     assert resolved.finetune_params().epochs == 3
     production = build_params(PipelineParams, {"profile": "production"}, ()).resolved()
-    assert production.finetune.epochs == 5 and production.questions.generator == "api"
+    assert production.finetune.epochs == 5 and production.questions.generator.backend == "api"
+
+
+def test_a_backend_is_chosen_by_name_and_its_own_fields_are_checked_before_anything_runs(
+    capsys,
+):
+    params = build_params(
+        QuestionParams,
+        {"generator": "api"},
+        ("generator.model=llama3.1", "generator.base_url=http://127.0.0.1:11434/v1"),
+    )
+    assert params.generator.backend == "api" and params.generator.model == "llama3.1"
+    assert params.generator.concurrency == 4  # the backend's own default
+    nested = build_params(PipelineParams, {}, ("questions.generator.backend=api",))
+    assert nested.resolved().questions.generator.backend == "api"
+
+    assert main(["questions", "--generator", "api", "--set", "generator.concurency=2"]) == 2
+    assert "'concurency' (did you mean 'concurrency'?)" in capsys.readouterr().err
+    assert main(["learn", "--set", "judge.backend=oracle"]) == 2
+    assert "'oracle'" in capsys.readouterr().err
+
+
+def test_help_lists_every_backends_fields(capsys):
+    assert main(["questions", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "generator.backend=local" in shown and "generator.backend=api" in shown
+    assert "generator.dtype:" in shown and "generator.base_url:" in shown
+    assert main(["run", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert (
+        "questions.generator.backend=api" in shown and "learn.judge.backend=cross-encoder" in shown
+    )
+
+
+def test_help_and_version_import_no_heavy_library():
+    """`--help` must answer at once: it reads the parameter models, never Prefect, torch,
+    transformers or Chroma (each costs seconds to import on a slow CPU)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['questions', '--help'], ['--version']):\n"
+        "    assert main(argv) == 0, argv\n"
+        "heavy = {'prefect', 'torch', 'transformers', 'chromadb', 'sentence_transformers'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert "ragtune, version" in out
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_search_help_shows_the_dashboard_forms_descriptions(capsys):
@@ -84,7 +135,7 @@ def test_a_form_that_sends_every_field_still_gets_the_profiles_values():
     """The dashboard submits each field it shows, blanks included: blank is the profile's."""
     from_form = PipelineParams(**PipelineParams(profile="production").model_dump(mode="json"))
     resolved = from_form.resolved()
-    assert resolved.questions.generator == "api" and resolved.finetune.epochs == 5
+    assert resolved.questions.generator.backend == "api" and resolved.finetune.epochs == 5
     assert resolved.base_model == "BAAI/bge-base-en-v1.5"
 
 

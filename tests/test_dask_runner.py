@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.publish import PublishParams, publish
-from flows.questions import QuestionParams, questions
+from flows.params import PublishParams, QuestionParams
+from flows.publish import publish
+from flows.questions import questions
 from tasks.store import chroma
 from tasks.workspace import Workspace, load_rows, save_rows
 from tests.conftest import save_with_prompts
@@ -44,8 +45,7 @@ def ask(ws: Workspace, runner: str):
     result = questions(
         QuestionParams(
             workspace=str(ws.root),
-            generator="local",
-            generator_settings={"max_new_tokens": 16, "threads": 1, "show_progress": False},
+            generator={"backend": "local", "max_new_tokens": 16, "threads": 1},
             questions_per_chunk=1,
             generation_batch=2,
             **RUNNERS[runner],

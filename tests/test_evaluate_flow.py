@@ -9,7 +9,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.evaluate import EvaluateParams, evaluate, generated_eval_set
+from flows.evaluate import evaluate, generated_eval_set
+from flows.params import EvaluateParams
 from tasks.llm.likelihood import local_judge_name
 from tasks.retrieval.beir import load_beir
 from tasks.retrieval.evaluation import MetricsError

@@ -8,7 +8,8 @@ import shutil
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.ingest import IngestParams, IngestResult, ingest
+from flows.ingest import IngestResult, ingest
+from flows.params import IngestParams
 from tasks.workspace import fingerprint_rows, load_rows
 from tests.conftest import FIXTURES
 

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flows.learn import LearnParams, learn
-from flows.publish import PublishParams, publish
-from flows.search import SearchParams, search
+from flows.learn import learn
+from flows.params import LearnParams, PublishParams, SearchParams
+from flows.publish import publish
+from flows.search import search
 from tasks.learn.judgements import Judgements
 from tasks.learn.judges import ApiJudge, CrossEncoderJudge, LocalJudge, make_judge
 from tasks.learn.querylog import LOG_NAME, is_held_out, read_queries, unique_queries

@@ -30,7 +30,7 @@ def small_corpus(tmp_path_factory):
 def tiny_params(workspace, sources, **changes):
     """Pipeline parameters as a user writes them: a section per stage, unset fields left to the
     demo profile."""
-    from flows.pipeline import PipelineParams
+    from flows.params import PipelineParams
 
     settings = {
         "workspace": str(workspace),
@@ -156,8 +156,9 @@ def test_asking_for_reranking_reruns_only_the_evaluation(pipeline_run, small_cor
 
 
 def test_searches_are_learned_from_by_the_next_run_and_judged_once(pipeline_run, small_corpus):
+    from flows.params import SearchParams
     from flows.pipeline import pipeline
-    from flows.search import SearchParams, search
+    from flows.search import search
 
     first, workspace = pipeline_run
     for query in (
@@ -200,7 +201,7 @@ def test_refresh_with_a_new_document_asks_only_about_its_chunks(
         "must notify affected users within seventy-two hours and record the incident in the "
         "risk register, together with the model version and the prompt that caused it.\n"
     )
-    from flows.pipeline import RefreshParams
+    from flows.params import RefreshParams
 
     # Refresh takes only the settings it uses: no training or evaluation sections.
     settings = tiny_params(workspace, [small_corpus, extra]).model_dump(
@@ -219,10 +220,10 @@ def test_a_failed_stage_is_named_and_the_rerun_resumes_after_the_last_good_stage
 ):
     """A training file without the columns training needs fails the finetune stage; ingest and
     questions stay recorded, so the next run starts at finetune."""
-    from flows.finetune import FinetuneParams, finetune
+    from flows.finetune import finetune
     from flows.incremental import StageFailed, StageRunner
     from flows.ingest import ingest
-    from flows.pipeline import PipelineParams
+    from flows.params import FinetuneParams, PipelineParams
 
     params = PipelineParams(workspace=str(tmp_path / "ws"), sources=[str(small_corpus)])
     params = params.resolved()

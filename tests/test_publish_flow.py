@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from flows.publish import PublishParams, publish
-from flows.search import SearchParams, format_hits, search
+from flows.params import PublishParams, SearchParams
+from flows.publish import publish
+from flows.search import format_hits, search
 from tasks.store import chroma, locks
 from tasks.workspace import save_rows
 from tests.test_store import nist_rows

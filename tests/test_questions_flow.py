@@ -10,8 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prefect import flow
+from pydantic import ValidationError
 
-from flows.questions import QuestionParams, QuestionsResult, ask, questions
+from flows.params import QuestionParams
+from flows.questions import QuestionsResult, ask, questions
 from tasks.questions.writers import Generation
 from tasks.workspace import load_rows, save_rows
 
@@ -160,11 +162,12 @@ def run(params: QuestionParams, gen: ScriptedGenerator) -> tuple[QuestionsResult
     return result, [{"key": a.key, "type": a.type, "data": a.data} for a in artifacts]
 
 
-def test_questions_are_cleaned_filtered_split_saved_and_reported(prefect_api, chunked):
+def test_questions_are_cleaned_filtered_split_saved_and_reported(prefect_api, chunked, monkeypatch):
+    # A key the error below echoes: secret-looking environment variables are masked.
+    monkeypatch.setenv("RAGTUNE_TEST_LLM_KEY", SECRET)
     gen = generator(fail_once="Bastille")
     params = QuestionParams(
         workspace=str(chunked.root),
-        generator_settings={"api_key": SECRET},
         round_trip_top_k=1,
         test_size=0.25,
         seed=43,  # puts the bitcoin chunk, with its off-topic question, in train
@@ -264,9 +267,13 @@ def test_max_chunks_asks_about_a_seeded_sample_only(prefect_api, chunked):
     assert other.calls == []  # same sample, all from the cache
 
 
-def test_the_flow_names_an_unknown_generator(prefect_api, chunked):
-    with pytest.raises(ValueError, match="Unknown question generator 'nope'"):
-        questions(QuestionParams(workspace=str(chunked.root), generator="nope"))
+def test_an_unknown_generator_or_setting_fails_before_the_run_starts():
+    with pytest.raises(ValidationError, match=r"'nope'.*expected tags: 'local', 'api'"):
+        QuestionParams(generator={"backend": "nope"})
+    with pytest.raises(ValidationError, match=r"unknown setting 'modle' \(did you mean 'model'"):
+        QuestionParams(generator={"backend": "api", "modle": "llama3.1"})
+    with pytest.raises(ValidationError, match="api_key is not a setting"):
+        QuestionParams(generator={"backend": "api", "api_key": SECRET})
 
 
 @pytest.fixture
@@ -310,8 +317,7 @@ def test_the_flow_builds_its_generator_by_name_and_never_pays_twice(
     base_url, asked = chat_server
     params = QuestionParams(
         workspace=str(chunked.root),
-        generator="api",
-        generator_settings={"base_url": base_url, "model": "scripted", "show_progress": False},
+        generator={"backend": "api", "base_url": base_url, "model": "scripted"},
         questions_per_chunk=4,
         round_trip_top_k=1,
         seed=43,  # puts the bitcoin chunk, with its off-topic question, in train

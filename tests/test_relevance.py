@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.publish import PublishParams, publish
-from flows.search import SearchParams, search
+from flows.params import PublishParams, SearchParams
+from flows.publish import publish
+from flows.search import search
 from tasks.llm.likelihood import STATEMENT_PROMPT, QueryLikelihood, is_statement, local_judge
 from tasks.retrieval.evaluation import evaluate_model
 from tasks.retrieval.rerank import rerank, rerank_evaluation, rerank_order

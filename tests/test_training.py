@@ -13,7 +13,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from sentence_transformers import SentenceTransformer
 
-from flows.finetune import FinetuneParams, finetune
+from flows.finetune import finetune
+from flows.params import FinetuneParams
 from tasks.models import MINILM
 from tasks.training.data import load_pairs
 from tasks.training.recipes import RECIPES, matryoshka_dims

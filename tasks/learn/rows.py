@@ -24,19 +24,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from tasks.learn.judgements import Judgements
 from tasks.learn.judges import Judge
 from tasks.learn.querylog import is_held_out
+from tasks.learn.settings import LABEL_FORMS, LabelForm
 from tasks.llm.likelihood import QUERY_GROUP
 from tasks.progress import Progress
 from tasks.retrieval.rerank import mixed_scores, rerank_order
-
-LabelForm = Literal["positives", "negatives", "distill"]
-LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
 
 
 @dataclass

@@ -60,5 +60,10 @@ JudgeSettings = Annotated[
     Field(discriminator="backend"),
 ]
 
+#: How the judge's labels become training rows: (query, top chunk); plus the judge's lowest
+#: candidate as a hard negative; or the judge's scores over all candidates (distillation).
+LabelForm = Literal["positives", "negatives", "distill"]
+LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
+
 #: The backends the learn stage can name.
 JUDGES = ("local", "api", "cross-encoder")

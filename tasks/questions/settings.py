@@ -85,8 +85,10 @@ class LocalGeneratorSettings(_Prompted):
 
 
 class ApiGeneratorSettings(_Prompted, ApiConnection):
-    """An LLM behind an OpenAI-compatible API: chat for instruction models, completions (the
-    few-shot document) for base models."""
+    """An LLM behind an OpenAI-compatible API (OpenAI, Azure, Ollama, vLLM, llama.cpp).
+
+    `chat` suits instruction models; `completions` sends the few-shot document, for base models.
+    """
 
     backend: Literal["api"] = "api"
     endpoint: Literal["chat", "completions"] = Field(
