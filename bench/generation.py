@@ -24,7 +24,7 @@ from pathlib import Path
 from preamble import NIST_PDF, ROOT, command, machine
 
 from tasks.llm.machine import idle_cores
-from tasks.questions.writers import Generation
+from tasks.questions.generation import Generation
 from tasks.questions.writers import local as local_gen
 from tasks.retrieval.report import markdown_table
 

@@ -43,7 +43,7 @@ from tasks.retrieval.evaluation import (
     ranking_metrics,
 )
 from tasks.retrieval.rerank import reorder_head
-from tasks.training.trainer import train
+from tasks.training.trainer import TrainSettings, train
 from tasks.workspace import rows_to_dataset
 
 OUT = ROOT / "bench" / "out" / "learn"
@@ -273,10 +273,7 @@ def main() -> None:
         rows = training_rows(judged, corpus, form)
         with tempfile.TemporaryDirectory(dir=OUT) as folder:
             started = time.perf_counter()
-            trained = train(
-                MINILM,
-                rows_to_dataset(rows),
-                Path(folder),
+            settings = TrainSettings(
                 RECIPE[form],
                 epochs=args.epochs,
                 batch_size=args.batch_size,
@@ -285,6 +282,7 @@ def main() -> None:
                 seed=args.seed,
                 resume=False,
             )
+            trained = train(MINILM, rows_to_dataset(rows), Path(folder), settings)
             variant = {
                 "form": form,
                 "recipe": RECIPE[form],

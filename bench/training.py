@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 from tasks.models import MINILM, load_model
 from tasks.retrieval.report import markdown_table
 from tasks.training.recipes import matryoshka_dims
-from tasks.training.trainer import train
+from tasks.training.trainer import TrainSettings, train
 
 RESULTS = ROOT / "bench" / "RESULTS-training.md"
 SETTINGS = {
@@ -127,7 +127,8 @@ def plain_script(data: Dataset, out: Path, clock: StepClock) -> int:
 
 
 def ragtune(data: Dataset, out: Path, clock: StepClock) -> int:
-    return train(MINILM, data, out, "matryoshka-mnrl", progress=clock.tick, **SETTINGS).steps
+    settings = TrainSettings("matryoshka-mnrl", **SETTINGS)
+    return train(MINILM, data, out, settings, progress=clock.tick).steps
 
 
 def reset_peak() -> bool:

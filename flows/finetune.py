@@ -20,7 +20,7 @@ from tasks.models import model_tag
 from tasks.retrieval.report import markdown_table
 from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
 from tasks.training.recipes import get_recipe
-from tasks.training.trainer import TrainResult, train
+from tasks.training.trainer import EvalSet, TrainResult, TrainSettings, train
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
@@ -34,6 +34,18 @@ class FinetuneResult(BaseModel):
     steps: int
     train_pairs: int
     wall_s: float
+
+
+#: The stage's fields that are training settings (`TrainSettings`).
+TRAIN_FIELDS = {
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "max_steps",
+    "max_seq_length",
+    "hard_negatives",
+    "seed",
+}
 
 
 @flow(name="finetune", log_prints=True)
@@ -52,19 +64,12 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
         questions = load_rows(ws.questions_dir)
         data, source = _training_set(ws, params, questions, chunks)
     data_fp = fingerprint(sorted(tuple(row.values()) for row in data.to_list()))
-    settings = {
-        "recipe": spec.name,
-        "base_model": params.base_model,
-        "epochs": params.epochs,
-        "batch_size": params.batch_size,
-        "learning_rate": params.learning_rate,
-        "max_steps": params.max_steps,
-        "max_seq_length": params.max_seq_length,
-        "hard_negatives": params.hard_negatives,
-        "seed": params.seed,
-    }
+    chosen = params.model_dump(include=TRAIN_FIELDS)
+    settings = TrainSettings(recipe=spec.name, **chosen)
+    # The name follows what changes the model: recipe, base model, data and these settings.
+    made_of = {"recipe": spec.name, "base_model": params.base_model, **chosen}
     name = params.output_name or (
-        f"{model_tag(params.base_model)}-tuned-{fingerprint(settings, data_fp)[:6]}"
+        f"{model_tag(params.base_model)}-tuned-{fingerprint(made_of, data_fp)[:6]}"
     )
     queries, relevant = held_out_queries(questions, chunks)
     print(
@@ -75,17 +80,8 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
         params.base_model,
         data,
         ws.model_dir(name),
-        spec.name,
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        learning_rate=params.learning_rate,
-        max_steps=params.max_steps,
-        max_seq_length=params.max_seq_length,
-        seed=params.seed,
-        eval_corpus=chunks if queries else None,
-        eval_queries=queries or None,
-        eval_relevant=relevant or None,
-        hard_negatives=params.hard_negatives,
+        settings,
+        eval_set=EvalSet(chunks, queries, relevant) if queries else None,
         negatives_from=list(chunks.values()) or None,
         data_fingerprint=data_fp,
         progress=progress_artifact("finetune-progress", f"Training {name}"),

@@ -29,8 +29,9 @@ from tasks.llm.http import redact
 from tasks.models import cached_model
 from tasks.questions.cache import QuestionCache, RunBatches, generate_with_cache
 from tasks.questions.curation import Curation, Question, curate, sample_chunks
+from tasks.questions.generation import Generation, QuestionGenerator
 from tasks.questions.settings import GeneratorSettings
-from tasks.questions.writers import Generation, QuestionGenerator, make_generator
+from tasks.questions.writers import make_generator
 from tasks.retrieval.report import markdown_table
 from tasks.text import shorten
 from tasks.workspace import Workspace, load_rows, save_rows

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.files import file_sha256
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
@@ -151,14 +153,7 @@ def _rmtree(path: Path) -> None:
 
 def fingerprint_files(paths: Iterable[Path]) -> str:
     """Fingerprint files by name and content, so a touched but unchanged file is not "new"."""
-    digests = []
-    for path in sorted(Path(p) for p in paths):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digests.append((str(path), digest.hexdigest()))
-    return fingerprint(digests)
+    return fingerprint([(str(path), file_sha256(path)) for path in sorted(Path(p) for p in paths)])
 
 
 class Ledger:

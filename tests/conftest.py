@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 # Set before prefect, transformers or chromadb are imported anywhere in the test session.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +61,6 @@ def workspace(tmp_path):
 def ready_workspace(workspace, minilm):
     """Chunks saved by ingest and a model folder saved with a query prompt, as finetune does."""
     from tasks.workspace import save_rows
-    from tests.test_store import nist_rows
 
     rows = nist_rows(range(5, 8), "nist")
     save_rows(workspace.chunks_dir, rows)
@@ -65,3 +76,138 @@ def save_with_prompts(model, folder: Path, prompts: dict[str, str]) -> Path:
     settings["prompts"] = prompts
     config.write_text(json.dumps(settings))
     return folder
+
+
+def nist_rows(pages: range, doc_id: str, words: int = 60) -> list[dict]:
+    """Chunk rows (the ingest schema) cut from real pages of the NIST AI 600-1 PDF."""
+    from pypdf import PdfReader
+
+    from tasks.workspace import fingerprint
+
+    reader = PdfReader(NIST_PDF)
+    rows = []
+    for page in pages:
+        tokens = re.sub(r"\s+", " ", reader.pages[page - 1].extract_text()).split()
+        for start in range(0, len(tokens), words):
+            text = " ".join(tokens[start : start + words])
+            rows.append(
+                {
+                    "id": fingerprint(text),
+                    "doc_id": doc_id,
+                    "source": f"{doc_id}.pdf",
+                    "page_start": page,
+                    "page_end": page,
+                    "text": text,
+                    "n_tokens": len(text.split()),
+                }
+            )
+    return rows
+
+
+@lru_cache(maxsize=1)
+def read_nist() -> tuple[Any, ...]:
+    """The 64-page NIST profile's pages, read once per test session."""
+    from tasks.ingest.documents import read_document
+
+    return tuple(read_document(NIST_PDF, NIST_PDF.parent))
+
+
+#: Passages with one clear answer each, and queries answered by the passage at that index.
+PASSAGES = [
+    "Oslo is the capital city of Norway, at the head of the Oslofjord.",
+    "Lima is the capital city of Peru, seat of its government, on the Pacific coast.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in plants.",
+]
+ANSWERED = [
+    ("What is the capital of Peru?", 1),
+    ("How do plants make sugar from light?", 2),
+    ("Which city lies at the head of the Oslofjord?", 0),
+]
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A handler for the real local HTTP servers tests talk to: JSON in, JSON out, quiet."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def json_body(self) -> Any:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def send(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real threaded HTTP server on 127.0.0.1 with `handler`; yields its /v1 root."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+CHROMA = Path(sys.executable).with_name("chroma")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).is_success
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    """A `chroma run` subprocess on a free port, ready when its heartbeat answers."""
+    path = tmp_path_factory.mktemp("chroma-server")
+    port = free_port()
+    log = (path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(CHROMA),
+            "run",
+            "--path",
+            str(path / "db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api/v2/heartbeat"
+    deadline = time.monotonic() + 60
+    try:
+        while not _answers(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"chroma run exited: {(path / 'server.log').read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"chroma run did not answer {url} within 60 s")
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

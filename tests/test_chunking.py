@@ -10,8 +10,7 @@ import pytest
 from tasks.ingest.chunking import Chunk, chunk_id, chunk_pages, max_chunk_tokens
 from tasks.ingest.documents import Page, read_document
 from tasks.text import canonical
-from tests.conftest import FIXTURES
-from tests.test_documents import read_nist
+from tests.conftest import FIXTURES, read_nist
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from flows.cli import build_params, main, parse_settings
 from flows.params import PipelineParams, QuestionParams, RefreshParams, SearchParams
 from tasks.models import MINILM
 from tasks.store import chroma
-from tests.test_store import nist_rows
+from tests.conftest import nist_rows
 
 
 def test_a_misspelt_setting_from_python_names_the_key_and_the_closest_valid_one():

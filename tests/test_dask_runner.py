@@ -17,8 +17,7 @@ from flows.publish import publish
 from flows.questions import questions
 from tasks.store import chroma
 from tasks.workspace import Workspace, load_rows, save_rows
-from tests.conftest import save_with_prompts
-from tests.test_store import nist_rows
+from tests.conftest import nist_rows, save_with_prompts
 
 RUNNERS = {
     "threads": {},

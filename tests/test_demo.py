@@ -5,7 +5,7 @@ from __future__ import annotations
 from flows.demo import RIVALS, answered_example
 from tasks.models import MINILM
 from tasks.workspace import save_rows
-from tests.test_store import nist_rows
+from tests.conftest import nist_rows
 
 
 def test_the_example_is_a_held_out_question_its_own_chunk_answers(workspace):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import httpx
 import pytest
 from pypdf import PdfReader, PdfWriter
 
-from tests.conftest import NIST_PDF, ROOT
+from tests.conftest import NIST_PDF, ROOT, free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, deadline_s: float, what: str):

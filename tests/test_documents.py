@@ -6,7 +6,6 @@ import csv
 import json
 import re
 import shutil
-from functools import lru_cache
 
 import pytest
 from pypdf import PdfReader, PdfWriter
@@ -22,15 +21,9 @@ from tasks.ingest.documents import (
     read_documents,
     read_records,
 )
-from tests.conftest import FIXTURES, NIST_PDF
+from tests.conftest import FIXTURES, NIST_PDF, read_nist
 
 RAGAS_PDF = FIXTURES / "RAGAS_2309.15217.pdf"
-
-
-@lru_cache(maxsize=1)
-def read_nist() -> tuple[Page, ...]:
-    """The 64-page NIST profile, read once per test session (test_chunking shares it)."""
-    return tuple(read_document(NIST_PDF, NIST_PDF.parent))
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from tasks.questions.writers import Generation, make_generator
+from tasks.questions.generation import Generation
+from tasks.questions.writers import make_generator
+from tests.conftest import JsonHandler, serving
 
 KEY = "sk-ragtune-test-7f3a9c1e5b"
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05, "show_progress": False}
@@ -49,15 +50,10 @@ class Script:
         return [r for r in self.requests if r["marker"] == marker]
 
 
-def make_handler(script: Script) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
+def make_handler(script: Script) -> type[JsonHandler]:
+    class Handler(JsonHandler):
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = self.json_body()
             marker, step = script.action(json.dumps(body))
             with script.lock:
                 script.requests.append(
@@ -121,30 +117,15 @@ def make_handler(script: Script) -> type[BaseHTTPRequestHandler]:
             choices = [{"index": k, "text": f" What is sample {k}?"} for k in range(count)]
             return {"choices": choices, "usage": usage}
 
-        def send(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
-            data = text.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-
     return Handler
 
 
 @pytest.fixture
 def server():
     script = Script()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(script))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", script
-    script.closing.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(make_handler(script)) as url:
+        yield url, script
+        script.closing.set()
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ training rows it makes, and the held-out share that is never trained on."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +19,10 @@ from tasks.learn.judgements import Judgements
 from tasks.learn.judges import ApiJudge, CrossEncoderJudge, LocalJudge, make_judge
 from tasks.learn.querylog import LOG_NAME, is_held_out, read_queries, unique_queries
 from tasks.learn.rows import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
-from tasks.training.trainer import train
+from tasks.models import MINILM
+from tasks.training.trainer import TrainSettings, train
 from tasks.workspace import load_rows, rows_to_dataset
-from tests.test_relevance import ANSWERED, PASSAGES
+from tests.conftest import ANSWERED, PASSAGES, JsonHandler, serving
 
 #: Questions about pages 5-7 of NIST AI 600-1, the chunks of `ready_workspace`.
 NIST_QUESTIONS = [
@@ -250,7 +248,7 @@ TEXTS = {f"c{i}": PASSAGES[i % 3] + f" (copy {i})" for i in range(6)}
 def test_rows_of_every_label_form_train_and_save_a_model(form, recipe, columns, tmp_path):
     rows = training_rows(JUDGED, TEXTS, form)
 
-    result = train("all-MiniLM-L6-v2", rows_to_dataset(rows), tmp_path, recipe, max_steps=2)
+    result = train(MINILM, rows_to_dataset(rows), tmp_path, TrainSettings(recipe, max_steps=2))
 
     assert list(rows[0]) == columns and len(rows) == len(JUDGED)
     assert rows[0]["positive"] == TEXTS[JUDGED[0].chunk_ids[2]], "the teacher's first choice"
@@ -264,7 +262,7 @@ def test_a_distillation_recipe_without_the_judges_scores_is_a_clear_error(tmp_pa
     rows = training_rows(JUDGED, TEXTS, "positives")
 
     with pytest.raises(ValueError, match="needs rows with a label column"):
-        train("all-MiniLM-L6-v2", rows_to_dataset(rows), tmp_path, "matryoshka-distill")
+        train(MINILM, rows_to_dataset(rows), tmp_path, TrainSettings("matryoshka-distill"))
 
 
 def test_nudging_moves_only_the_chosen_documents_towards_their_queries(minilm):
@@ -301,34 +299,17 @@ def test_the_nudge_step_is_chosen_on_a_held_aside_share_of_the_judged_log(minilm
 
 
 @contextmanager
-def serving(answer: Callable[[str, dict], tuple[int, dict]]) -> Iterator[str]:
+def answering(answer: Callable[[str, dict], tuple[int, dict]]) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 whose POSTs `answer(path, body)` returns
     (status, JSON) for; yields its /v1 root."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
+    class Handler(JsonHandler):
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, reply = answer(self.path, body)
-            payload = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            status, reply = answer(self.path, self.json_body())
+            self.send(status, json.dumps(reply))
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +338,7 @@ def gemma_server() -> Iterator[str]:
         text = prompt + tokenizer.decode([following])
         return 200, {"choices": [{"text": text, "logprobs": logprobs_field}]}
 
-    with serving(complete) as url:
+    with answering(complete) as url:
         yield url
 
 
@@ -386,7 +367,7 @@ def grading_server() -> Iterator[tuple[str, list[dict]]]:
         grade = "3" if "Peru" in message.split("Passage:")[1] else "0"
         return 200, {"choices": [{"message": {"content": f"Grade: {grade}"}}]}
 
-    with serving(grade) as url:
+    with answering(grade) as url:
         yield url, seen
 
 

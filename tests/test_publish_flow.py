@@ -11,7 +11,7 @@ from flows.publish import publish
 from flows.search import format_hits, search
 from tasks.store import chroma, locks
 from tasks.workspace import save_rows
-from tests.test_store import nist_rows
+from tests.conftest import nist_rows
 
 
 def test_publish_flow_publishes_the_newest_model_then_search_finds_chunks(

@@ -18,8 +18,7 @@ import pytest
 
 from tasks.models import MINILM
 from tasks.store import chroma, locks
-from tests.test_store import nist_rows
-from tests.test_store_server import server  # noqa: F401  (a real `chroma run` fixture)
+from tests.conftest import nist_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,11 +185,11 @@ def hold_lease(port: int) -> subprocess.Popen:
     return proc
 
 
-def test_a_dead_publishers_lease_on_a_server_runs_out(server, minilm):  # noqa: F811
-    holder = hold_lease(server)
+def test_a_dead_publishers_lease_on_a_server_runs_out(chroma_server, minilm):
+    holder = hold_lease(chroma_server)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
-    client = chroma.connect(host="127.0.0.1", port=server)
+    client = chroma.connect(host="127.0.0.1", port=chroma_server)
     rows = nist_rows(range(5, 6), "governance")
     waits = []
 
@@ -203,9 +202,9 @@ def test_a_dead_publishers_lease_on_a_server_runs_out(server, minilm):  # noqa: 
     assert done.swapped and chroma.resolve_alias(client, "leased").count() == len(rows)
 
 
-def test_a_live_lease_holder_keeps_others_out_and_unlock_clears_a_dead_ones_lease(server):  # noqa: F811
-    holder = hold_lease(server)
-    client = chroma.connect(host="127.0.0.1", port=server)
+def test_a_live_lease_holder_keeps_others_out_and_unlock_clears_a_dead_ones_lease(chroma_server):
+    holder = hold_lease(chroma_server)
+    client = chroma.connect(host="127.0.0.1", port=chroma_server)
     try:
         # Renewed every second, so a waiter more patient than the lease's 3 s still times out.
         with (

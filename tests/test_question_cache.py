@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tasks.questions.cache import QuestionCache, generate_with_cache
-from tasks.questions.writers import Generation
+from tasks.questions.generation import Generation
 
 
 @dataclass

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prefect import flow
@@ -14,8 +12,9 @@ from pydantic import ValidationError
 
 from flows.params import QuestionParams
 from flows.questions import QuestionsResult, ask, questions
-from tasks.questions.writers import Generation
+from tasks.questions.generation import Generation
 from tasks.workspace import load_rows, save_rows
+from tests.conftest import JsonHandler, serving
 
 SECRET = "sk-test-0123456789abcdef"
 
@@ -281,9 +280,9 @@ def chat_server():
     """A real OpenAI-compatible chat endpoint on 127.0.0.1 that answers from the script."""
     asked: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = self.json_body()
             prompt = " ".join(m["content"] for m in body["messages"])
             passage = next(text for _, text, _ in CORPUS.values() if text in prompt)
             asked.append(passage)
@@ -292,22 +291,10 @@ def chat_server():
                 "choices": [{"message": {"role": "assistant", "content": "\n".join(said)}}],
                 "usage": {"prompt_tokens": 100, "completion_tokens": 20},
             }
-            blob = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            self.wfile.write(blob)
+            self.send(200, json.dumps(answer))
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", asked
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as url:
+        yield url, asked
 
 
 def test_the_flow_builds_its_generator_by_name_and_never_pays_twice(

@@ -12,12 +12,7 @@ from flows.search import search
 from tasks.llm.likelihood import STATEMENT_PROMPT, QueryLikelihood, is_statement, local_judge
 from tasks.retrieval.evaluation import evaluate_model
 from tasks.retrieval.rerank import rerank, rerank_evaluation, rerank_order
-
-PASSAGES = [
-    "Oslo is the capital city of Norway, at the head of the Oslofjord.",
-    "Lima is the capital city of Peru, seat of its government, on the Pacific coast.",
-    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in plants.",
-]
+from tests.conftest import ANSWERED, PASSAGES
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +29,6 @@ def test_the_judge_finds_the_query_likeliest_after_the_passage_that_answers_it(j
 
 
 #: Each question, and the position of the passage that answers it.
-ANSWERED = [
-    ("What is the capital of Peru?", 1),
-    ("How do plants make sugar from light?", 2),
-    ("Which city lies at the head of the Oslofjord?", 0),
-]
 #: How far (mean log-probability per token) a path may stray from float32. Measured on this
 #: fixture: bfloat16 0.03-0.05, int8 0.16 (0.84 with activations scaled per batch); the margins
 #: below are what the ranking needs.

@@ -12,31 +12,7 @@ import pytest
 from tasks.models import MINILM
 from tasks.store import chroma, locks
 from tasks.workspace import fingerprint
-from tests.conftest import NIST_PDF
-
-
-def nist_rows(pages: range, doc_id: str, words: int = 60) -> list[dict]:
-    """Chunk rows (the ingest schema) cut from real pages of the NIST AI 600-1 PDF."""
-    from pypdf import PdfReader
-
-    reader = PdfReader(NIST_PDF)
-    rows = []
-    for page in pages:
-        tokens = re.sub(r"\s+", " ", reader.pages[page - 1].extract_text()).split()
-        for start in range(0, len(tokens), words):
-            text = " ".join(tokens[start : start + words])
-            rows.append(
-                {
-                    "id": fingerprint(text),
-                    "doc_id": doc_id,
-                    "source": f"{doc_id}.pdf",
-                    "page_start": page,
-                    "page_end": page,
-                    "text": text,
-                    "n_tokens": len(text.split()),
-                }
-            )
-    return rows
+from tests.conftest import nist_rows
 
 
 @pytest.fixture(scope="module")

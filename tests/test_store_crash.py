@@ -7,13 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from tasks.models import MINILM
 from tasks.store import chroma
-from tests.test_store import nist_rows
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, nist_rows
 
 # Publishes the rows in a JSON file in batches of 2, printing a line after each stored batch.
 PUBLISHER = """

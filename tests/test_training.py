@@ -5,6 +5,7 @@ finetune flow trains from the workspace's questions and from a user's file."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ from flows.params import FinetuneParams
 from tasks.models import MINILM
 from tasks.training.data import load_pairs
 from tasks.training.recipes import RECIPES, matryoshka_dims
-from tasks.training.trainer import TrainingDiverged, mine_negatives, train
+from tasks.training.trainer import (
+    EvalSet,
+    TrainingDiverged,
+    TrainSettings,
+    mine_negatives,
+    train,
+)
 from tasks.workspace import save_rows
 
 CAPITALS = [
@@ -122,12 +129,9 @@ def test_each_recipe_trains_and_saves_a_model_that_reloads_with_its_card_and_pro
         MINILM,
         pairs,
         tmp_path / recipe,
-        recipe,
-        eval_corpus=corpus,
-        eval_queries=queries,
-        eval_relevant=relevant,
+        TrainSettings(recipe, **FAST),
+        eval_set=EvalSet(corpus, queries, relevant),
         progress=lambda done, total: steps.append((done, total)),
-        **FAST,
     )
 
     assert result.steps == 2 and steps == [(1, 2), (2, 2)]
@@ -178,12 +182,13 @@ def test_mined_negatives_are_other_passages(minilm, pairs):
 def test_training_data_without_a_positive_column_is_refused(tmp_path):
     data = Dataset.from_list([{"anchor": "a question", "answer_text": "a passage"}])
     with pytest.raises(ValueError, match=r"missing column.*'positive'"):
-        train(MINILM, data, tmp_path / "m", "mnrl", **FAST)
+        train(MINILM, data, tmp_path / "m", TrainSettings("mnrl", **FAST))
 
 
 def test_a_huge_learning_rate_stops_with_training_diverged(pairs, tmp_path):
+    huge = FAST | {"max_steps": 4, "learning_rate": 1e6}
     with pytest.raises(TrainingDiverged, match=r"step \d+.*[Ll]ower the learning rate"):
-        train(MINILM, pairs, tmp_path / "m", "mnrl", **(FAST | {"max_steps": 4}), learning_rate=1e6)
+        train(MINILM, pairs, tmp_path / "m", TrainSettings("mnrl", **huge))
     assert not (tmp_path / "m" / "ragtune.json").exists(), "a diverged run records no model"
 
 
@@ -203,10 +208,10 @@ def crash_at_step_2(seen: list[int]):
 def test_an_interrupted_run_resumes_from_its_checkpoint_only_with_the_same_settings(
     pairs, tmp_path
 ):
-    settings = FAST | {"max_steps": 3, "save_steps": 1}
+    settings = TrainSettings("mnrl", **(FAST | {"max_steps": 3, "save_steps": 1}))
     first: list[int] = []
     with pytest.raises(Interrupted):
-        train(MINILM, pairs, tmp_path / "m", "mnrl", progress=crash_at_step_2(first), **settings)
+        train(MINILM, pairs, tmp_path / "m", settings, progress=crash_at_step_2(first))
     assert first == [1, 2]
     assert (tmp_path / "m" / "checkpoints" / "checkpoint-1").is_dir()
 
@@ -217,10 +222,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_only_with_the_same_setti
             MINILM,
             pairs,
             tmp_path / "m",
-            "mnrl",
-            learning_rate=1e-5,
+            replace(settings, learning_rate=1e-5),
             progress=crash_at_step_2(other),
-            **settings,
         )
     assert other == [1, 2]
 
@@ -229,10 +232,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_only_with_the_same_setti
         MINILM,
         pairs,
         tmp_path / "m",
-        "mnrl",
-        learning_rate=1e-5,
+        replace(settings, learning_rate=1e-5),
         progress=lambda done, total: resumed.append(done),
-        **settings,
     )
     assert resumed == [2, 3], "step 1 comes from the checkpoint, not from training again"
     assert result.steps == 3
@@ -246,7 +247,9 @@ def test_trains_from_a_user_csv_of_query_passage_pairs(tmp_path):
     csv_file = tmp_path / "pairs.csv"
     lines = ["query,passage"] + [f'"{r["anchor"]}","{r["positive"]}"' for r in capital_rows()]
     csv_file.write_text("\n".join(lines) + "\n")
-    result = train(MINILM, load_pairs(csv_file), tmp_path / "m", "mnrl-prefixed", **FAST)
+    result = train(
+        MINILM, load_pairs(csv_file), tmp_path / "m", TrainSettings("mnrl-prefixed", **FAST)
+    )
     assert result.train_pairs == len(CAPITALS)
     assert SentenceTransformer(result.model_path).prompts["query"] == "query: "
 

@@ -12,7 +12,6 @@ on. Only when nothing at all could be read is that an error.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -22,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.files import BadLine, read_jsonl
 
 SUPPORTED = {".pdf", ".md", ".markdown", ".txt"}
 #: Files of records (one document per row or line), read with `read_records`.
@@ -473,19 +474,13 @@ def read_records(
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, dict | Skipped]]:
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, Skipped(f"{name}:{where}", f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict):
-                yield where, Skipped(f"{name}:{where}", "not a JSON object")
-                continue
+    for number, row in read_jsonl(path, encoding="utf-8-sig", strict=False):
+        where = f"line {number}"
+        if isinstance(row, BadLine):
+            yield where, Skipped(f"{name}:{where}", f"invalid JSON: {row.reason}")
+        elif not isinstance(row, dict):
+            yield where, Skipped(f"{name}:{where}", "not a JSON object")
+        else:
             yield where, row
 
 

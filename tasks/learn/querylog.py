@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tasks.files import append_jsonl, read_jsonl
 from tasks.text import folded
 
 LOG_NAME = "queries.jsonl"
@@ -40,12 +40,8 @@ def append_query(
         "collection": collection,
         "hits": [{"id": chunk_id, "score": round(float(score), 6)} for chunk_id, score in hits],
     }
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    # Queries are the users' words: the log is readable by its owner only.
+    append_jsonl(path, [record], mode=0o600)
     return path
 
 
@@ -56,7 +52,7 @@ def read_queries(path: str | os.PathLike[str], field: str = "query") -> list[str
     if not path.is_file():
         raise FileNotFoundError(f"no query log at {path}")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        texts = [_field(row, field, path, n) for n, row in _jsonl(path)]
+        texts = [_field(row, field, path, n) for n, row in read_jsonl(path)]
     elif path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -89,16 +85,6 @@ def is_held_out(query: str, share: float, seed: int = 42) -> bool:
         raise ValueError(f"the held-out share must be in [0, 1), got {share}")
     digest = hashlib.sha256(f"{seed}\0{folded(query)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
-
-
-def _jsonl(path: Path) -> Iterable[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for n, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {n}: not JSON ({exc.msg})") from None
 
 
 def _field(row: Any, field: str, path: Path, n: int) -> str:

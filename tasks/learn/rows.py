@@ -35,6 +35,7 @@ from tasks.learn.settings import LABEL_FORMS, LabelForm
 from tasks.llm.likelihood import QUERY_GROUP
 from tasks.progress import Progress
 from tasks.retrieval.rerank import mixed_scores, rerank_order
+from tasks.vectors import top_k, unit_rows
 
 
 @dataclass
@@ -99,8 +100,8 @@ class Retrieval:
     def top(self, k: int) -> list[list[tuple[str, float]]]:
         """The top `k` (chunk id, cosine) of each query; ties go to the smaller id."""
         scores = (self.queries @ self.documents.T)[:, [self.row[cid] for cid in self.ids]]
-        # Stable sort of ids already in ascending order: equal scores keep the smaller id first.
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, len(self.ids))]
+        # Ids are in ascending order, so equal scores keep the smaller id first.
+        order = top_k(scores, k)
         return [
             [(self.ids[i], float(line[i])) for i in top]
             for line, top in zip(scores, order, strict=True)
@@ -296,7 +297,7 @@ def nudge(
     moved = length > 0
     out = documents.copy()
     out[moved] += step * pull[moved] / length[moved, None]
-    out[moved] /= np.linalg.norm(out[moved], axis=1, keepdims=True)
+    out[moved] = unit_rows(out[moved])
     return out
 
 
@@ -325,7 +326,7 @@ def choose_nudge_step(
     scores = {}
     for step in (0.0, *steps):
         moved = nudge(documents, query_vectors[~check], answers[~check], step)
-        ranks = np.argsort(-(query_vectors[check] @ moved.T), axis=1)[:, :top]
+        ranks = top_k(query_vectors[check] @ moved.T, top)
         hit = ranks == answers[check][:, None]
         scores[step] = float((hit / np.arange(1, top + 1)).sum(axis=1).mean())
     best = max(scores, key=lambda step: (scores[step], -step))

@@ -20,6 +20,7 @@ from pydantic import Field, PrivateAttr
 
 from tasks.llm.http import ApiCallFailed, ApiClient
 from tasks.progress import Progress
+from tasks.questions.generation import Generation
 from tasks.questions.prompts import (
     STOP_MARKERS,
     chat_messages,
@@ -29,7 +30,6 @@ from tasks.questions.prompts import (
     split_questions,
 )
 from tasks.questions.settings import ApiGeneratorSettings
-from tasks.questions.writers import Generation
 from tasks.workspace import fingerprint as hash_parts
 
 #: tokens allowed per question asked for

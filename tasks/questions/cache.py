@@ -12,15 +12,14 @@ skipped on reading rather than poisoning the file.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.files import BadLine, append_jsonl, read_jsonl
 from tasks.progress import Progress
 from tasks.questions.curation import Question
-from tasks.questions.writers import Generation
+from tasks.questions.generation import Generation
 
 #: runs batches of passages somewhere and yields (batch index, generations) as each finishes
 RunBatches = Callable[[list[list[str]]], Iterable[tuple[int, list[Generation]]]]
@@ -43,12 +42,9 @@ class QuestionCache:
             entries: dict[str, dict[str, Any]] = {}
             path = self._path(fingerprint)
             if path.exists():
-                with path.open(encoding="utf-8") as lines:
-                    for line in lines:
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue  # the tail of a write a crash cut short
+                for _, record in read_jsonl(path, strict=False):
+                    # A BadLine is the tail of a write a crash cut short.
+                    if not isinstance(record, BadLine):
                         entries[record["chunk_id"]] = record
             self._loaded[fingerprint] = entries
         return self._loaded[fingerprint]
@@ -90,17 +86,7 @@ class QuestionCache:
             return
         entries = self._entries(fingerprint)
         path = self._path(fingerprint)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with path.open("a+b") as handle:
-            # A crash mid-line leaves no newline; start a fresh line so this write stays whole.
-            if handle.tell() > 0:
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":
-                    blob = "\n" + blob
-            handle.write(blob.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_jsonl(path, records, sync=True)
         for record in records:
             entries[record["chunk_id"]] = record
 

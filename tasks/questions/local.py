@@ -34,6 +34,7 @@ from tasks.llm.gemma import MODEL_NAME, load_gemma, vocabulary_head
 from tasks.llm.machine import idle_cores, resolve_dtype
 from tasks.llm.sampling import Sampler
 from tasks.progress import Progress
+from tasks.questions.generation import Generation
 from tasks.questions.prompts import (
     drop_echoes,
     few_shot_prompt,
@@ -41,7 +42,6 @@ from tasks.questions.prompts import (
     split_questions,
 )
 from tasks.questions.settings import LocalGeneratorSettings
-from tasks.questions.writers import Generation
 from tasks.workspace import fingerprint as hash_parts
 
 log = logging.getLogger(__name__)

@@ -1,50 +1,17 @@
-"""Question writers behind one small protocol.
-
-A writer turns passages into questions. It is built from its typed settings
-(`tasks.questions.settings`) and the stage's questions-per-chunk and seed, and its
-`fingerprint()` names everything that changes its output, so the question cache can key on
-(chunk id, fingerprint) and never pay for LLM work twice. Backends are imported lazily: asking
-for `api` does not import torch.
+"""Build the question writer a stage's typed settings describe (`tasks.questions.settings`),
+with the stage's questions-per-chunk and seed. Backends are imported lazily: asking for `api`
+does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import TypeAdapter
 
-from tasks.progress import Progress
+from tasks.questions.generation import QuestionGenerator
 from tasks.questions.settings import GENERATORS, GeneratorSettings
-
-
-@dataclass
-class Generation:
-    """What one passage produced."""
-
-    #: one question per item, lightly stripped (no numbering); deeper cleaning is curation's
-    questions: list[str]
-    #: set when the passage failed after retries; `questions` is then empty
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@runtime_checkable
-class QuestionGenerator(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    def fingerprint(self) -> str:
-        """A stable hash of everything that changes the output (never a secret)."""
-        ...
-
-    def generate(
-        self, passages: Sequence[str], progress: Progress | None = None
-    ) -> list[Generation]:
-        """One `Generation` per passage, in order; a failed passage never raises."""
-        ...
 
 
 def generator_settings(settings: GeneratorSettings | Mapping[str, Any] | str) -> GeneratorSettings:

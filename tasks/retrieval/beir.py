@@ -8,8 +8,9 @@ independent check that the gain is not an artefact of the generator's style.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
+
+from tasks.files import read_jsonl
 
 
 class BeirFormatError(ValueError):
@@ -73,18 +74,16 @@ def load_beir(
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BeirFormatError(f"{path}, line {number}: not valid JSON ({exc}).") from exc
-            if "_id" not in row or "text" not in row:
+    try:
+        for number, row in read_jsonl(path):
+            if not isinstance(row, dict) or "_id" not in row or "text" not in row:
                 raise BeirFormatError(f"{path}, line {number}: needs the fields '_id' and 'text'.")
             row["_id"] = str(row["_id"])
             rows.append(row)
+    except BeirFormatError:
+        raise
+    except ValueError as exc:
+        raise BeirFormatError(str(exc)) from None
     return rows
 
 

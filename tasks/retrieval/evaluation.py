@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tasks.progress import Progress
+from tasks.vectors import unit_rows
 
 #: Cut-offs, as in `InformationRetrievalEvaluator`'s defaults.
 ACCURACY_AT = (1, 3, 5, 10)
@@ -255,7 +256,9 @@ def evaluate_embeddings(
     first_rank: dict[int, dict[str, int | None]] = {}
     hits: dict[int, dict[str, list[tuple[str, float]]]] = {}
     for dim in dims:
-        ranked = _rank(_unit(query_emb[:, :dim]), _unit(corpus_emb[:, :dim]), doc_column, id_order)
+        ranked = _rank(
+            unit_rows(query_emb[:, :dim]), unit_rows(corpus_emb[:, :dim]), doc_column, id_order
+        )
         rankings = {
             qid: [(corpus_ids[i], float(score)) for i, score in zip(*top, strict=True)]
             for qid, top in zip(query_ids, ranked, strict=True)
@@ -325,12 +328,6 @@ def _encode(
             bar.update(len(chunk))
             advance(len(chunk))
     return np.concatenate(parts)
-
-
-def _unit(emb: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    # Same floor as torch.nn.functional.normalize, which the evaluator's cosine uses.
-    return emb / np.maximum(norms, 1e-12)
 
 
 def _rank(

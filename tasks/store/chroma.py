@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel
 
+from tasks.files import hash_file_into
 from tasks.models import BUNDLED, cached_model, model_tag, resolve_model
 from tasks.progress import Progress
 from tasks.store.locks import OnWait, publish_lock
+from tasks.vectors import unit_rows
 from tasks.workspace import fingerprint
 
 if TYPE_CHECKING:
@@ -188,9 +190,7 @@ def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
     for name, _, _ in stats:
         digest.update(Path(name).name.encode())
-        with open(name, "rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
+        hash_file_into(digest, Path(name))
     return digest.hexdigest()[:16]
 
 
@@ -217,9 +217,7 @@ def embed(model: SentenceTransformer, texts: Sequence[str], prompt: str, dim: in
         convert_to_numpy=True,
         show_progress_bar=False,
     )
-    vectors = np.asarray(vectors, dtype=np.float32)[:, :dim]
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms == 0, 1.0, norms)
+    return unit_rows(np.asarray(vectors, dtype=np.float32)[:, :dim])
 
 
 # --- the alias registry -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from tasks.files import read_jsonl
 from tasks.workspace import rows_to_dataset
 
 #: Accepted names for each training column, in order of preference.
@@ -150,19 +151,14 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
+    if path.suffix.lower() == ".json":
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            return json.loads(text)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+    for number, row in read_jsonl(path):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
+            raise ValueError(f"{path}, line {number}: not a JSON object")
         rows.append(row)
     return rows
 

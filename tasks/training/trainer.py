@@ -1,4 +1,5 @@
-"""Fine-tune an embedding model: hard-negative mining and one trainer for every recipe.
+"""Fine-tune an embedding model: one trainer for every recipe, in the steps of
+sentence-transformers' training examples (model, data, loss, arguments, trainer, save).
 
 The recipes (`tasks.training.recipes`) reproduce the published seed model cards. Training is plain
 `SentenceTransformerTrainer` so the result is an ordinary sentence-transformers model folder with
@@ -16,9 +17,9 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
@@ -137,26 +138,60 @@ def mine_negatives(
     return mined
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one run trains: a recipe, and the hyperparameters that override its defaults."""
+
+    recipe: str = DEFAULT_RECIPE
+    #: None: the recipe's
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    #: stop after this many steps (wins over epochs)
+    max_steps: int | None = None
+    #: a share of the steps (< 1) or a count
+    warmup: float = 0.1
+    #: truncate training inputs to this many tokens (the model keeps its own length)
+    max_seq_length: int | None = None
+    seed: int = 42
+    #: mine hard negatives; None: only when the recipe needs them and the rows have none
+    hard_negatives: bool | None = None
+    #: continue the last checkpoint of a run with exactly these settings and data
+    resume: bool = True
+    #: None: a fifth of the run, but never more often than every 25 steps (a base-size
+    #: model's checkpoint with optimizer state is over a gigabyte)
+    save_steps: int | None = None
+
+    def with_recipe_defaults(self, spec: Recipe) -> TrainSettings:
+        """These settings with the recipe's epochs, batch size and learning rate where unset."""
+        chosen = replace(
+            self,
+            epochs=self.epochs or spec.epochs,
+            batch_size=self.batch_size or spec.batch_size,
+            learning_rate=self.learning_rate or spec.learning_rate,
+        )
+        if not math.isfinite(chosen.learning_rate) or chosen.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be a positive number, got {chosen.learning_rate}")
+        return chosen
+
+
+class EvalSet(NamedTuple):
+    """Queries, the corpus they search and the documents relevant to each: what the trainer's
+    evaluator measures while training."""
+
+    corpus: Mapping[str, str]
+    queries: Mapping[str, str]
+    relevant: Mapping[str, set[str]]
+
+
 def train(
     base_model: str,
     train_data: Dataset,
     output_dir: Path,
-    recipe: str = DEFAULT_RECIPE,
+    settings: TrainSettings = TrainSettings(),
     *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    max_steps: int | None = None,
-    warmup: float = 0.1,
-    max_seq_length: int | None = None,
-    seed: int = 42,
-    eval_corpus: Mapping[str, str] | None = None,
-    eval_queries: Mapping[str, str] | None = None,
-    eval_relevant: Mapping[str, set[str]] | None = None,
-    hard_negatives: bool | None = None,
+    eval_set: EvalSet | None = None,
     negatives_from: Sequence[str] | None = None,
-    resume: bool = True,
-    save_steps: int | None = None,
     data_fingerprint: str = "",
     progress: Progress | None = None,
 ) -> TrainResult:
@@ -165,95 +200,63 @@ def train(
     Writes a sentence-transformers model folder to `output_dir` (with the automatic model card
     and the recipe's prompts) plus `ragtune.json`. Checkpoints go to `output_dir/checkpoints`
     while training; a re-run with the same settings resumes from the last one, and they are
-    deleted once the final model is saved. `warmup` is a share of the steps (< 1) or a count.
-    Hard negatives are mined from `negatives_from` (the whole corpus, say) as well as the
-    positives: a corpus gives harder, more varied negatives than the training pairs alone.
-    `save_steps` defaults to a fifth of the run, but never more often than every 25 steps
-    (checkpoints of a base-size model plus optimizer state are over a gigabyte).
+    deleted once the final model is saved. Hard negatives are mined from `negatives_from` (the
+    whole corpus, say) as well as the positives: a corpus gives harder, more varied negatives
+    than the training pairs alone.
     """
     import torch
     from sentence_transformers import SentenceTransformerTrainer
 
     started = time.perf_counter()
-    spec = get_recipe(recipe)
-    epochs = epochs or spec.epochs
-    batch_size = batch_size or spec.batch_size
-    learning_rate = learning_rate or spec.learning_rate
-    if not math.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
-
-    # 1. The model, at the sequence length training uses.
+    spec = get_recipe(settings.recipe)
+    settings = settings.with_recipe_defaults(spec)
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         torch.set_num_threads(os.cpu_count() or 1)
+
+    # 1. The model, at the sequence length training uses.
     model = load_model(base_model)
     _label_base_model(model, base_model)
     inference_length = model.max_seq_length
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
+    if settings.max_seq_length:
+        model.max_seq_length = settings.max_seq_length
     width = model.get_embedding_dimension()
     dims = matryoshka_dims(width) if spec.matryoshka else [width]
 
     # 2. The data: checked columns, hard negatives mined when the recipe or the caller asks.
     data = _with_labels(validate_columns(train_data), spec)
     rows_hash = _rows_hash(data)
-    data, mined, pool = _with_negatives(data, model, spec, hard_negatives, negatives_from)
+    data, mined, pool = _with_negatives(data, model, spec, settings.hard_negatives, negatives_from)
 
-    # 3. The run's settings, which decide whether an earlier run's checkpoint can be resumed.
+    # 3. The loss: the recipe's, inside MatryoshkaLoss where it trains every dimension.
+    loss = build_loss(model, spec, dims, base_model)
+
+    # 4. The arguments, and the checkpoint of an earlier identical run to resume.
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "ragtune.json").unlink(missing_ok=True)
     checkpoints = output_dir / "checkpoints"
-    settings = {
-        "recipe": asdict(spec),
-        "base_model": base_model,
-        "data_fingerprint": data_fingerprint,
-        "rows_sha256": rows_hash,
-        "train_pairs": len(data),
-        "hard_negatives_mined": mined,
-        "negatives_mined_from": pool,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "max_steps": max_steps,
-        "warmup": warmup,
-        "max_seq_length": max_seq_length,
-        "seed": seed,
-    }
-    resume_from = _checkpoint_to_resume(checkpoints, settings) if resume else None
+    run = _run_record(spec, settings, base_model, data, rows_hash, mined, pool, data_fingerprint)
+    resume_from = _checkpoint_to_resume(checkpoints, run) if settings.resume else None
     if resume_from is None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "run.json").write_text(json.dumps(settings, sort_keys=True, default=str))
+    (checkpoints / "run.json").write_text(json.dumps(run, sort_keys=True, default=str))
+    evaluator = _evaluator(eval_set, dims, spec, inference_length, settings.batch_size)
+    args = _arguments(spec, settings, checkpoints, len(data), evaluator is not None, on_gpu)
 
-    # 4. Loss, evaluator, arguments and the trainer: sentence-transformers' own.
-    evaluator = _evaluator(
-        eval_corpus, eval_queries, eval_relevant, dims, spec, inference_length, batch_size
-    )
-    planned = max_steps or epochs * math.ceil(len(data) / batch_size)
+    # 5. The trainer: sentence-transformers' own.
     trainer = SentenceTransformerTrainer(
         model=model,
-        args=_arguments(
-            spec,
-            checkpoints,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            max_steps=max_steps,
-            warmup=warmup,
-            seed=seed,
-            evaluate=evaluator is not None,
-            save_steps=save_steps or max(25, math.ceil(planned / 5)),
-            on_gpu=on_gpu,
-        ),
+        args=args,
         train_dataset=data,
-        loss=build_loss(model, spec, dims, base_model),
+        loss=loss,
         evaluator=evaluator,
-        callbacks=[_Watch(progress, learning_rate)],
+        callbacks=[_Watch(progress, settings.learning_rate)],
     )
     trainer.train(resume_from_checkpoint=resume_from)
 
-    # 5. Save the model with its prompts (training prompts are not saved by the library) and
+    # 6. Save the model with its prompts (training prompts are not saved by the library) and
     #    a record of how it was made; the checkpoints have served their purpose.
     model.max_seq_length = inference_length
     model.prompts = {"query": spec.query_prompt or "", "document": spec.document_prompt or ""}
@@ -263,7 +266,7 @@ def train(
     metrics = _final_metrics(history)
     wall_s = round(time.perf_counter() - started, 2)
     record = {
-        **settings,
+        **run,
         "recipe": spec.name,
         "recipe_settings": asdict(spec),
         "dims": dims,
@@ -283,6 +286,41 @@ def train(
         log_history=history,
         metrics=metrics,
     )
+
+
+def _run_record(
+    spec: Recipe,
+    settings: TrainSettings,
+    base_model: str,
+    data: Dataset,
+    rows_hash: str,
+    mined: bool,
+    pool: int,
+    data_fingerprint: str,
+) -> dict[str, Any]:
+    """What decides whether an earlier run's checkpoint may be continued, and what
+    `ragtune.json` records of how the model was made."""
+    return {
+        "recipe": asdict(spec),
+        "base_model": base_model,
+        "data_fingerprint": data_fingerprint,
+        "rows_sha256": rows_hash,
+        "train_pairs": len(data),
+        "hard_negatives_mined": mined,
+        "negatives_mined_from": pool,
+        **{
+            name: getattr(settings, name)
+            for name in (
+                "epochs",
+                "batch_size",
+                "learning_rate",
+                "max_steps",
+                "warmup",
+                "max_seq_length",
+                "seed",
+            )
+        },
+    }
 
 
 def _with_labels(data: Dataset, spec: Recipe) -> Dataset:
@@ -331,16 +369,10 @@ def _with_negatives(
 
 def _arguments(
     spec: Recipe,
+    settings: TrainSettings,
     checkpoints: Path,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    max_steps: int | None,
-    warmup: float,
-    seed: int,
+    rows: int,
     evaluate: bool,
-    save_steps: int,
     on_gpu: bool,
 ) -> Any:
     from sentence_transformers.sentence_transformer.training_args import (
@@ -348,23 +380,24 @@ def _arguments(
         SentenceTransformerTrainingArguments,
     )
 
+    planned = settings.max_steps or settings.epochs * math.ceil(rows / settings.batch_size)
     return SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
-        num_train_epochs=epochs,
-        max_steps=max_steps or -1,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=warmup,
-        seed=seed,
-        data_seed=seed,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup,
+        seed=settings.seed,
+        data_seed=settings.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts=spec.prompts() or None,
         eval_strategy="steps" if evaluate else "no",
         # Each evaluation re-embeds the whole corpus per dimension: twice a run is plenty.
         eval_steps=0.5 if evaluate else None,
         save_strategy="steps",
-        save_steps=save_steps,
+        save_steps=settings.save_steps or max(25, math.ceil(planned / 5)),
         save_total_limit=1,
         # Every step is logged so a NaN loss is seen the step it happens; the filter would
         # otherwise replace it by the running mean and hide the divergence.
@@ -422,20 +455,17 @@ class _FullLengthEvaluator(SequentialEvaluator):
 
 
 def _evaluator(
-    corpus: Mapping[str, str] | None,
-    queries: Mapping[str, str] | None,
-    relevant: Mapping[str, set[str]] | None,
-    dims: list[int],
-    spec: Recipe,
-    length: int,
-    batch_size: int,
+    eval_set: EvalSet | None, dims: list[int], spec: Recipe, length: int, batch_size: int
 ) -> _FullLengthEvaluator | None:
     """IR evaluation at the largest and smallest dimension, or None without eval data."""
-    if not (corpus and queries and relevant):
+    if eval_set is None or not all(eval_set):
         return None
+    corpus, queries, relevant = eval_set
     unknown = {cid for ids in relevant.values() for cid in ids} - set(corpus)
     if unknown:
-        raise ValueError(f"eval_relevant names {len(unknown)} id(s) not in eval_corpus")
+        raise ValueError(
+            f"the eval set's relevant documents name {len(unknown)} id(s) not in its corpus"
+        )
     evaluators = [
         InformationRetrievalEvaluator(
             queries=dict(queries),
