@@ -424,8 +424,6 @@ def publish(
     `lock_timeout` seconds for another, telling `on_wait` who that is. Once complete, it removes
     versions no alias uses (what killed publishes left half-written).
     """
-    from tqdm.auto import tqdm
-
     check_name(alias, "alias")
     rows = _unique_rows(chunks)
     if not rows:
@@ -435,64 +433,101 @@ def publish(
         raise StoreError(f"dim={dim} is outside the model's width 1..{width} ({model_ref})")
     model_ref = portable_ref(model_ref)
     identity = model_id or model_identity(model_ref)
-    key = fingerprint(identity, document_prompt, int(dim))
     ids = [str(row["id"]) for row in rows]
-    name = version_name(
-        corpus, model_ref, dim, ids, model_id=fingerprint(identity, document_prompt)
+    version = _Version(
+        name=version_name(
+            corpus, model_ref, dim, ids, model_id=fingerprint(identity, document_prompt)
+        ),
+        rows=rows,
+        key=fingerprint(identity, document_prompt, int(dim)),
     )
     max_batch = client.get_max_batch_size()
     batch = min(batch_size or DEFAULT_BATCH, max_batch)
     if batch < 1:
         raise StoreError(f"batch_size={batch_size} must be at least 1")
 
+    def embed_fresh(texts: list[str]) -> Any:
+        if embed_texts is not None:
+            return embed_texts(texts)
+        return embed(model, texts, document_prompt, dim)
+
     with publish_lock(
-        client, timeout=lock_timeout, on_wait=on_wait, what=f"publish of {name}"
+        client, timeout=lock_timeout, on_wait=on_wait, what=f"publish of {version.name}"
     ) as lock:
-        collection = _open_or_create(
-            client,
-            name,
-            _collection_metadata(
-                model_ref=model_ref,
-                dim=dim,
-                query_prompt=query_prompt,
-                document_prompt=document_prompt,
-                corpus=corpus,
-                count=len(rows),
-                key=key,
-                metrics=metrics,
-            ),
+        metadata = _collection_metadata(
+            model_ref=model_ref,
+            dim=dim,
+            query_prompt=query_prompt,
+            document_prompt=document_prompt,
+            corpus=corpus,
+            count=len(rows),
+            key=version.key,
+            metrics=metrics,
         )
-        present = _existing_ids(collection, max_batch)
-        # Texts of similar length share a batch: less padding, as fast as one big encode.
-        todo = sorted(
-            (r for r in rows if str(r["id"]) not in present), key=lambda r: len(r["text"])
+        collection = _open_or_create(client, version.name, metadata)
+        embedded, copied = _write_missing(
+            client, collection, version, embed_fresh, batch, max_batch, progress
         )
-        sources = _copy_sources(client, key, exclude=name) if todo else []
-        embedded = copied = 0
-        done = len(rows) - len(todo)
-        bar = tqdm(
-            total=len(rows), initial=done, desc=f"publish {name}", unit="chunk", disable=None
-        )
+        count = _verify(collection, version, alias)
+        lock.check()
+        previous = _swap_alias(client, alias, version.name)
+        _prune(client, alias, keep_versions)
+        removed = _remove_unaliased(client)
+    return PublishResult(
+        alias=alias,
+        collection=version.name,
+        count=count,
+        embedded=embedded,
+        copied=copied,
+        previous=previous,
+        swapped=previous != version.name,
+        removed=removed,
+    )
+
+
+@dataclass
+class _Version:
+    """The collection a publish writes: its name, the rows it must hold, and the key shared by
+    every collection whose vectors the same weights, prompt and dimension made."""
+
+    name: str
+    rows: list[Mapping[str, Any]]
+    key: str
+
+
+def _write_missing(
+    client: ClientAPI,
+    collection: Collection,
+    version: _Version,
+    embed_fresh: EmbedTexts,
+    batch: int,
+    page: int,
+    progress: Progress | None,
+) -> tuple[int, int]:
+    """Write the rows `collection` lacks, in batches: vectors copied from another collection
+    with the same key where it has them, embedded otherwise. Returns (embedded, copied)."""
+    from tqdm.auto import tqdm
+
+    present = _existing_ids(collection, page)
+    # Texts of similar length share a batch: less padding, as fast as one big encode.
+    todo = sorted(
+        (r for r in version.rows if str(r["id"]) not in present), key=lambda r: len(r["text"])
+    )
+    sources = _copy_sources(client, version.key, exclude=version.name) if todo else []
+    embedded = copied = 0
+    total = len(version.rows)
+    done = total - len(todo)
+    with tqdm(
+        total=total, initial=done, desc=f"publish {version.name}", unit="chunk", disable=None
+    ) as bar:
         for start in range(0, len(todo), batch):
             part = todo[start : start + batch]
-            vectors: dict[str, Any] = {}
             wanted = [str(r["id"]) for r in part]
-            for source in sources:
-                if len(vectors) == len(wanted):
-                    break
-                got = source.get(
-                    ids=[i for i in wanted if i not in vectors], include=["embeddings"]
-                )
-                vectors.update(zip(got["ids"], got["embeddings"], strict=True))
+            vectors = _copied_vectors(sources, wanted)
             copied += len(vectors)
             fresh = [r for r in part if str(r["id"]) not in vectors]
             if fresh:
-                texts = [str(r["text"]) for r in fresh]
-                made = (
-                    embed_texts(texts)
-                    if embed_texts is not None
-                    else embed(model, texts, document_prompt, dim)
-                )
+                made = embed_fresh([str(r["text"]) for r in fresh])
                 if len(made) != len(fresh):
                     raise StoreError(f"embed_texts returned {len(made)} vectors for {len(fresh)}")
                 vectors.update(zip((str(r["id"]) for r in fresh), made, strict=True))
@@ -506,34 +541,41 @@ def publish(
             done += len(part)
             bar.update(len(part))
             if progress:
-                progress(done, len(rows))
-        bar.close()
+                progress(done, total)
+    return embedded, copied
 
-        count = collection.count()
-        if count != len(rows):
-            raise StoreError(
-                f"collection {name!r} holds {count} records, expected {len(rows)}: not swapping "
-                f"alias {alias!r}; re-run publish to complete it"
-            )
-        lock.check()
-        record = _read_alias(client, alias)
-        previous = record.live if record else None
-        swapped = previous != name
-        if swapped:
-            history = [previous, *record.previous] if record and previous else []
-            _write_alias(client, alias, _Alias(name, [v for v in history if v != name]))
-        _prune(client, alias, keep_versions)
-        removed = _remove_unaliased(client)
-    return PublishResult(
-        alias=alias,
-        collection=name,
-        count=count,
-        embedded=embedded,
-        copied=copied,
-        previous=previous,
-        swapped=swapped,
-        removed=removed,
-    )
+
+def _copied_vectors(sources: Sequence[Collection], wanted: Sequence[str]) -> dict[str, Any]:
+    """The vectors of `wanted` ids that `sources` already hold, by id."""
+    vectors: dict[str, Any] = {}
+    for source in sources:
+        if len(vectors) == len(wanted):
+            break
+        got = source.get(ids=[i for i in wanted if i not in vectors], include=["embeddings"])
+        vectors.update(zip(got["ids"], got["embeddings"], strict=True))
+    return vectors
+
+
+def _verify(collection: Collection, version: _Version, alias: str) -> int:
+    """The collection's count, which must be the number of rows before the alias may move."""
+    count = collection.count()
+    if count != len(version.rows):
+        raise StoreError(
+            f"collection {version.name!r} holds {count} records, expected "
+            f"{len(version.rows)}: not swapping alias {alias!r}; re-run publish to complete it"
+        )
+    return count
+
+
+def _swap_alias(client: ClientAPI, alias: str, name: str) -> str | None:
+    """Point `alias` at `name`, the version it pointed at first in its history; returns that
+    previous version (None for a new alias)."""
+    record = _read_alias(client, alias)
+    previous = record.live if record else None
+    if previous != name:
+        history = [previous, *record.previous] if record and previous else []
+        _write_alias(client, alias, _Alias(name, [v for v in history if v != name]))
+    return previous
 
 
 def _open_or_create(client: ClientAPI, name: str, metadata: dict[str, Any]) -> Collection:
