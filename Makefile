@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint clean
 
 # torch is pinned in pyproject.toml to the CPU wheel that pip finds on this machine's disk.
 $(STAMP): pyproject.toml

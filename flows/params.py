@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from flows.profiles import profile_defaults
 from tasks.learn.settings import JUDGES, JudgeSettings, LabelForm, LocalJudgeSettings
 from tasks.models import MINILM
 from tasks.questions.settings import GENERATORS, GeneratorSettings, LocalGeneratorSettings
@@ -425,12 +426,24 @@ class RunParams(SeedParams, StoreParams, RunnerParams):
         default_factory=QuestionSettings, description="Question generation and filtering"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_backends(cls, data: Any) -> Any:
+        """A generator given without a backend is the profile's backend with those settings:
+        `--profile production --set questions.generator.model=m` means the api writer."""
+        if not isinstance(data, dict):
+            return data
+        questions = data.get("questions")
+        generator = questions.get("generator") if isinstance(questions, dict) else None
+        if isinstance(generator, dict) and "backend" not in generator:
+            backend = profile_defaults(data.get("profile", "demo"))["questions"]["generator"]
+            data = {**data, "questions": {**questions, "generator": {**backend, **generator}}}
+        return data
+
     def resolved(self) -> Self:
         """These parameters with blanks filled from the profile: `base_model` when None, and in
         each section every field the user did not set or left blank (the dashboard's form
         sends every field, so a blank field is one left to the profile)."""
-        from flows.profiles import profile_defaults
-
         defaults = profile_defaults(self.profile)
         update: dict[str, Any] = {}
         if self.base_model is None:

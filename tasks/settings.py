@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, model_validator
 
 
 class Settings(BaseModel):
@@ -37,3 +37,15 @@ def unknown_settings_message(owner: str, unknown: list[Any], known: list[str]) -
         parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     plural = "s" if len(unknown) > 1 else ""
     return f"unknown setting{plural} {', '.join(parts)} for {owner}; valid: {', '.join(known)}"
+
+
+def backend_tag(default: str) -> Discriminator:
+    """The discriminator of a backend union: the `backend` field, `default` when it is left out
+    (so `{"model": "m"}` means the default backend with that model)."""
+
+    def tag(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("backend", default))
+        return str(getattr(value, "backend", default))
+
+    return Discriminator(tag)

@@ -60,6 +60,14 @@ def test_a_backend_is_chosen_by_name_and_its_own_fields_are_checked_before_anyth
     assert params.generator.concurrency == 4  # the backend's own default
     nested = build_params(PipelineParams, {}, ("questions.generator.backend=api",))
     assert nested.resolved().questions.generator.backend == "api"
+    # A writer given without its backend is the profile's: production asks an API.
+    production = build_params(
+        PipelineParams, {"profile": "production"}, ("questions.generator.model=gpt-4o-mini",)
+    )
+    assert production.questions.generator.backend == "api"
+    assert build_params(QuestionParams, {}, ("generator.batch_size=4",)).generator.backend == (
+        "local"
+    )
 
     assert main(["questions", "--generator", "api", "--set", "generator.concurency=2"]) == 2
     assert "'concurency' (did you mean 'concurrency'?)" in capsys.readouterr().err

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, Tag
 
 from tasks.llm.http import ApiConnection
 from tasks.llm.likelihood import MAX_PASSAGE_TOKENS
-from tasks.settings import Settings
+from tasks.settings import Settings, backend_tag
 
 
 class LocalJudgeSettings(Settings):
@@ -56,8 +56,10 @@ class CrossEncoderJudgeSettings(Settings):
 
 
 JudgeSettings = Annotated[
-    LocalJudgeSettings | ApiJudgeSettings | CrossEncoderJudgeSettings,
-    Field(discriminator="backend"),
+    Annotated[LocalJudgeSettings, Tag("local")]
+    | Annotated[ApiJudgeSettings, Tag("api")]
+    | Annotated[CrossEncoderJudgeSettings, Tag("cross-encoder")],
+    backend_tag("local"),
 ]
 
 #: How the judge's labels become training rows: (query, top chunk); plus the judge's lowest

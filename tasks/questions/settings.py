@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, Tag, field_validator
 
 from tasks.llm.http import ApiConnection
 from tasks.questions.prompts import (
@@ -23,7 +23,7 @@ from tasks.questions.prompts import (
     as_few_shot,
     check_template,
 )
-from tasks.settings import Settings
+from tasks.settings import Settings, backend_tag
 
 DType = Literal["auto", "float32", "bfloat16", "int8"]
 
@@ -119,7 +119,8 @@ class ApiGeneratorSettings(_Prompted, ApiConnection):
 
 
 GeneratorSettings = Annotated[
-    LocalGeneratorSettings | ApiGeneratorSettings, Field(discriminator="backend")
+    Annotated[LocalGeneratorSettings, Tag("local")] | Annotated[ApiGeneratorSettings, Tag("api")],
+    backend_tag("local"),
 ]
 
 #: The backends a stage can name, in the order the command line offers them.

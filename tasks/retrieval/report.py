@@ -21,8 +21,6 @@ from tasks.retrieval.evaluation import (
 from tasks.text import shorten
 
 CARD_HEADING = "## ragtune evaluation"
-#: Metrics shown side by side per dimension; the full set is in metrics.json and report.md.
-HEADLINE_METRICS = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "recall@10")
 
 
 def write_report(
