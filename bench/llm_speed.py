@@ -22,14 +22,14 @@ import statistics
 import time
 from datetime import UTC, datetime
 
-from preamble import NIST_PDF, ROOT, command, machine
+from preamble import NIST_PDF, ROOT, add_passage_tokens, command, machine
 
 import torch
 
 from tasks.ingest.chunking import chunk_pages
 from tasks.ingest.documents import read_document
 from tasks.llm.gemma import load_gemma
-from tasks.llm.likelihood import JUDGE_CACHE, MAX_PASSAGE_TOKENS, local_judge
+from tasks.llm.likelihood import JUDGE_CACHE, local_judge
 from tasks.llm.machine import resolve_dtype
 from tasks.llm.quantisation import Int8Linear
 from tasks.models import MINILM, load_model
@@ -193,12 +193,7 @@ def main() -> None:
     parser.add_argument(
         "--generator-batch", type=int, default=16, help="Sequences per generator forward pass."
     )
-    parser.add_argument(
-        "--passage-tokens",
-        type=int,
-        default=MAX_PASSAGE_TOKENS,
-        help="The judge reads N tokens of each passage (0: no cut).",
-    )
+    add_passage_tokens(parser)
     args = parser.parse_args()
     dtype = resolve_dtype("auto")
     print(machine())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -78,3 +79,15 @@ def stored_vectors(model, model_ref: str, texts: list[str], folder: Path = VECTO
         )
         np.save(stored, vectors)
     return np.load(stored)
+
+
+def add_passage_tokens(parser: Any) -> None:
+    """The `--passage-tokens N` option of the benchmarks that run the judge."""
+    from tasks.llm.likelihood import MAX_PASSAGE_TOKENS
+
+    parser.add_argument(
+        "--passage-tokens",
+        type=int,
+        default=MAX_PASSAGE_TOKENS,
+        help="The judge reads N tokens of each passage (0: no cut).",
+    )

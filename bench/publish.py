@@ -22,7 +22,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from preamble import NIST_PDF, ROOT, command, machine
 
@@ -127,38 +129,40 @@ def query_latency(path: Path, size: int, queries: int, seed: int = 0) -> dict:
     chroma._write_alias(client, "bench", chroma._Alias(collection.name, []))
     probes = rng.standard_normal((queries, 384)).astype(np.float32)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
-    chroma.resolve_alias(client, "bench").query(query_embeddings=probes[:1], n_results=5)
-    samples = []
-    for probe in probes:
-        t = time.perf_counter()
+
+    def query(probe: np.ndarray) -> None:
         live = chroma.resolve_alias(client, "bench")
         live.query(query_embeddings=probe[None, :], n_results=5, include=["documents", "metadatas"])
-        samples.append(time.perf_counter() - t)
-    p50, p95 = percentiles(samples)
-    return {
-        "what": f"alias + query, {size:,} vectors",
-        "p50 ms": p50,
-        "p95 ms": p95,
-        "note": f"upserted at {size / load_s:,.0f} vectors/s",
-    }
+
+    return latency(
+        query,
+        list(probes),
+        f"alias + query, {size:,} vectors",
+        f"upserted at {size / load_s:,.0f} vectors/s",
+    )
 
 
 def search_latency(path: Path, rows: list[dict], queries: int) -> dict:
     client = chroma.connect(path)
     texts = [" ".join(r["text"].split()[:12]) for r in rows[:queries]]
-    chroma.search(client, "docs", texts[0])
+    return latency(
+        lambda text: chroma.search(client, "docs", text, k=5),
+        texts,
+        f"chroma.search (embeds the query), {len(rows):,} real chunks",
+        "MiniLM query embedding included",
+    )
+
+
+def latency(call: Callable[[Any], Any], items: list[Any], what: str, note: str) -> dict:
+    """p50 and p95 of `call` on each item, after one call to warm it up."""
+    call(items[0])
     samples = []
-    for text in texts:
+    for item in items:
         t = time.perf_counter()
-        chroma.search(client, "docs", text, k=5)
+        call(item)
         samples.append(time.perf_counter() - t)
     p50, p95 = percentiles(samples)
-    return {
-        "what": f"chroma.search (embeds the query), {len(rows):,} real chunks",
-        "p50 ms": p50,
-        "p95 ms": p95,
-        "note": "MiniLM query embedding included",
-    }
+    return {"what": what, "p50 ms": p50, "p95 ms": p95, "note": note}
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ import json
 import time
 from pathlib import Path
 
-from preamble import ROOT, beir_folder, command, machine, stored_vectors
+from preamble import ROOT, add_passage_tokens, beir_folder, command, machine, stored_vectors
 
 import numpy as np
 from tqdm import tqdm
 
-from tasks.llm.likelihood import MAX_PASSAGE_TOKENS, local_judge_name, score_grouped, style_judges
+from tasks.llm.likelihood import local_judge_name, score_grouped, style_judges
 from tasks.models import MINILM, load_model
 from tasks.questions.fewshot import labelled_split
 from tasks.retrieval.evaluation import paired_bootstrap, ranking_metrics
@@ -47,12 +47,7 @@ def main() -> None:
     parser.add_argument(
         "--group", type=int, default=1, help="Claims judged together in shared batches."
     )
-    parser.add_argument(
-        "--passage-tokens",
-        type=int,
-        default=MAX_PASSAGE_TOKENS,
-        help="Cut passages to N tokens (0: no cut).",
-    )
+    add_passage_tokens(parser)
     args = parser.parse_args()
     args.beir = beir_folder(args.beir)
 

@@ -147,9 +147,10 @@ def test_prompt_rotates_examples_between_passages(chunks):
 def test_bad_settings_name_the_setting():
     with pytest.raises(ValueError, match="template must contain the placeholder"):
         LocalGenerator(template="{passage} only")
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    at_least_one = r"batch_size\n  Input should be greater than or equal to 1"
+    with pytest.raises(ValueError, match=at_least_one):
         make_generator("local", batch_size=0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"temperature\n  Input should be greater than 0"):
         LocalGenerator(temperature=0)
 
 

@@ -413,5 +413,5 @@ def test_judges_are_chosen_by_name_and_fingerprinted_by_what_changes_their_score
     assert chat.fingerprint() != ApiJudge(base_url="http://127.0.0.1:9/v1").fingerprint()
     with pytest.raises(ValueError, match="known judges: local, api, cross-encoder"):
         make_judge("oracle")
-    with pytest.raises(ValueError, match=r"Unknown setting.*api_key.*environment variable"):
+    with pytest.raises(ValueError, match=r"api_key is not a setting.*environment variable"):
         make_judge("api", api_key="sk-nope")

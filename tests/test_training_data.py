@@ -12,6 +12,12 @@ from tasks.retrieval.evaluation import MetricsError
 from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
 
 
+def question(text: str, chunk_id: str, split: str, kept: bool | None = True) -> dict:
+    """A row of the questions dataset; `kept=None` leaves the column out."""
+    row = {"question": text, "chunk_id": chunk_id, "split": split}
+    return row if kept is None else row | {"kept": kept}
+
+
 def test_csv_with_query_and_passage_columns_becomes_anchor_positive(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text(
@@ -61,7 +67,7 @@ def test_a_file_missing_the_anchor_column_names_it(tmp_path):
 def test_bad_json_line_and_unknown_suffix_are_clear_errors(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"query": "q", "passage": "p"}\n{not json\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
         load_pairs(broken)
     other = tmp_path / "pairs.parquet"
     other.write_bytes(b"")
@@ -74,9 +80,9 @@ def test_bad_json_line_and_unknown_suffix_are_clear_errors(tmp_path):
 def test_pairs_from_questions_keeps_only_kept_questions_of_the_split():
     chunks = {"c1": "Chunk one text.", "c2": "Chunk two text."}
     questions = [
-        {"question": "train q", "chunk_id": "c1", "split": "train", "kept": True},
-        {"question": "rejected q", "chunk_id": "c1", "split": "train", "kept": False},
-        {"question": "test q", "chunk_id": "c2", "split": "test", "kept": True},
+        question("train q", "c1", "train"),
+        question("rejected q", "c1", "train", kept=False),
+        question("test q", "c2", "test"),
     ]
     train = pairs_from_questions(questions, chunks)
     assert train.to_list() == [{"anchor": "train q", "positive": "Chunk one text."}]
@@ -85,13 +91,13 @@ def test_pairs_from_questions_keeps_only_kept_questions_of_the_split():
 
 
 def test_a_question_about_an_unknown_chunk_is_an_error():
-    questions = [{"question": "q", "chunk_id": "gone", "split": "train", "kept": True}]
+    questions = [question("q", "gone", "train")]
     with pytest.raises(ValueError, match=r"chunk 'gone'.*re-run ingest"):
         pairs_from_questions(questions, {"c1": "text"})
 
 
 def test_no_kept_training_questions_is_an_error():
-    questions = [{"question": "q", "chunk_id": "c1", "split": "train", "kept": False}]
+    questions = [question("q", "c1", "train", kept=False)]
     with pytest.raises(ValueError, match="no kept questions in the 'train' split"):
         pairs_from_questions(questions, {"c1": "text"})
 
@@ -99,10 +105,10 @@ def test_no_kept_training_questions_is_an_error():
 def test_held_out_queries_are_kept_test_questions_relevant_to_their_own_chunk():
     chunks = {"c1": "one", "c2": "two"}
     questions = [
-        {"question": "train q", "chunk_id": "c1", "split": "train", "kept": True},
-        {"question": "test q", "chunk_id": "c2", "split": "test", "kept": True},
-        {"question": "rejected", "chunk_id": "c2", "split": "test", "kept": False},
-        {"question": "unmarked", "chunk_id": "c2", "split": "test"},
+        question("train q", "c1", "train"),
+        question("test q", "c2", "test"),
+        question("rejected", "c2", "test", kept=False),
+        question("unmarked", "c2", "test", kept=None),
     ]
     queries, relevant = held_out_queries(questions, chunks)
     assert queries == {"q1": "test q"}
@@ -110,7 +116,7 @@ def test_held_out_queries_are_kept_test_questions_relevant_to_their_own_chunk():
 
 
 def test_held_out_questions_about_chunks_that_are_gone_are_an_error():
-    questions = [{"question": "stale", "chunk_id": "gone", "split": "test", "kept": True}]
+    questions = [question("stale", "gone", "test")]
     with pytest.raises(MetricsError, match=r"1 test questions .* re-run the questions flow"):
         held_out_queries(questions, {"c1": "one"})
 
