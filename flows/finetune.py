@@ -12,7 +12,6 @@ from pathlib import Path
 
 from datasets import Dataset
 from prefect import flow
-from pydantic import BaseModel
 
 from flows.artifacts import markdown, progress_artifact
 from flows.params import FinetuneParams
@@ -20,20 +19,15 @@ from tasks.models import model_tag
 from tasks.retrieval.report import markdown_table
 from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
 from tasks.training.recipes import get_recipe
-from tasks.training.trainer import EvalSet, TrainResult, TrainSettings, train
+from tasks.training.trainer import EvalSet, TrainResult, TrainSettings, TrainSummary, train
 from tasks.workspace import Workspace, fingerprint, load_rows
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
 CURVE_ROWS = 60
 
 
-class FinetuneResult(BaseModel):
-    model_path: str
-    recipe: str
-    dims: list[int]
-    steps: int
-    train_pairs: int
-    wall_s: float
+class FinetuneResult(TrainSummary):
+    """The flow's result: paths and counts (the log history is in its artifacts)."""
 
 
 #: The stage's fields that are training settings (`TrainSettings`).

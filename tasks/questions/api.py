@@ -25,7 +25,6 @@ from tasks.questions.prompts import (
     STOP_MARKERS,
     chat_messages,
     drop_echoes,
-    few_shot_prompt,
     passage_seed,
     split_questions,
 )
@@ -144,17 +143,9 @@ class ApiGenerator(ApiGeneratorSettings):
             )
 
     def _completions(self, client: httpx.Client, passage: str, result: Generation) -> None:
-        prompt = few_shot_prompt(
-            passage,
-            pool=self.few_shot,
-            k=self.few_shot_k,
-            seed=self.seed or 0,
-            template=self.template,
-            example_queries=self.example_queries,
-            max_chars=self.max_passage_chars,
-        )
+        prompt = self.few_shot_document(passage, self.seed or 0)
         answered: list[str] = []
-        shown = [q for _, q in self.few_shot] + list(self.example_queries)
+        shown = self.shown_questions()
         # Ask for all n at once; servers that ignore `n` answer one choice, so ask again (with a
         # new seed) until n questions came back or n calls were made.
         for call in range(self.n):

@@ -37,7 +37,6 @@ from tasks.progress import Progress
 from tasks.questions.generation import Generation
 from tasks.questions.prompts import (
     drop_echoes,
-    few_shot_prompt,
     passage_seed,
     split_questions,
 )
@@ -88,20 +87,8 @@ class LocalGenerator(LocalGeneratorSettings):
             self.max_passage_chars,
         )
 
-    def shown_questions(self) -> list[str]:
-        """Every question a prompt may show, which the model must not hand back as its own."""
-        return [q for _, q in self.few_shot] + list(self.example_queries)
-
     def prompt(self, passage: str) -> str:
-        return few_shot_prompt(
-            passage,
-            pool=self.few_shot,
-            k=self.few_shot_k,
-            seed=self.seed,
-            template=self.template,
-            example_queries=self.example_queries,
-            max_chars=self.max_passage_chars,
-        )
+        return self.few_shot_document(passage, self.seed)
 
     def generate(
         self, passages: Sequence[str], progress: Progress | None = None

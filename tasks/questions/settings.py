@@ -22,10 +22,21 @@ from tasks.questions.prompts import (
     FewShot,
     as_few_shot,
     check_template,
+    few_shot_prompt,
 )
 from tasks.settings import Settings, backend_tag
 
 DType = Literal["auto", "float32", "bfloat16", "int8"]
+
+
+def _examples_shown(default: int) -> Any:
+    return Field(default, ge=1, description="Few-shot examples shown per passage.")
+
+
+def _passage_chars(default: int) -> Any:
+    return Field(
+        default, ge=1, description="Passages (and examples) are cut to this many characters."
+    )
 
 
 class _Prompted(Settings):
@@ -45,6 +56,24 @@ class _Prompted(Settings):
         DEFAULT_FEW_SHOT_TEMPLATE,
         description="The few-shot document for a base model, with {examples} and {passage}.",
     )
+    few_shot_k: int = _examples_shown(2)
+    max_passage_chars: int = _passage_chars(1200)
+
+    def few_shot_document(self, passage: str, seed: int) -> str:
+        """The few-shot document a base model continues with a question about `passage`."""
+        return few_shot_prompt(
+            passage,
+            pool=self.few_shot,
+            k=self.few_shot_k,
+            seed=seed,
+            template=self.template,
+            example_queries=self.example_queries,
+            max_chars=self.max_passage_chars,
+        )
+
+    def shown_questions(self) -> list[str]:
+        """Every question a prompt may show, which the model must not hand back as its own."""
+        return [q for _, q in self.few_shot] + list(self.example_queries)
 
     @field_validator("few_shot", mode="before")
     @classmethod
@@ -67,10 +96,6 @@ class LocalGeneratorSettings(_Prompted):
     max_new_tokens: int = Field(40, ge=1, description="New tokens per question.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling's share of the mass.")
-    few_shot_k: int = Field(2, ge=1, description="Examples shown per passage.")
-    max_passage_chars: int = Field(
-        1200, ge=1, description="Passages (and examples) are cut to this many characters."
-    )
     dtype: DType = Field(
         "auto",
         description="auto: bfloat16 where the CPU computes it natively, else float32; int8: "
@@ -107,10 +132,8 @@ class ApiGeneratorSettings(_Prompted, ApiConnection):
         DEFAULT_CHAT_TEMPLATE,
         description="The chat's user message, with {passage} (and optionally {n}, {style}).",
     )
-    few_shot_k: int = Field(3, ge=1, description="Examples shown per passage (completions).")
-    max_passage_chars: int = Field(
-        1500, ge=1, description="Passages are cut to this many characters in the prompt."
-    )
+    few_shot_k: int = _examples_shown(3)
+    max_passage_chars: int = _passage_chars(1500)
 
     @field_validator("chat_template")
     @classmethod

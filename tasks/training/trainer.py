@@ -17,11 +17,12 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from datasets import Dataset
+from pydantic import BaseModel, Field
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import (
     InformationRetrievalEvaluator,
@@ -44,16 +45,23 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite; the model is garbage from that step on."""
 
 
-@dataclass
-class TrainResult:
+class TrainSummary(BaseModel):
+    """What a run made: where the model is, by which recipe and at which dimensions, from how
+    many rows in how many steps and seconds."""
+
     model_path: str
     recipe: str
     dims: list[int]
     steps: int
     train_pairs: int
     wall_s: float
-    log_history: list[dict] = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
+
+
+class TrainResult(TrainSummary):
+    """The summary, with the trainer's log history and the final metrics."""
+
+    log_history: list[dict] = Field(default_factory=list)
+    metrics: dict = Field(default_factory=dict)
 
 
 def validate_columns(data: Dataset, source: str = "training data") -> Dataset:
