@@ -195,7 +195,7 @@ RUNTIMES = [
         "source": "docs/library-notes.md",
     },
     {
-        "runtime": "transformers, tasks/generators/local.py",
+        "runtime": "transformers, tasks/questions/local.py",
         "install": "no compiler",
         "first load": "cold, above",
         "later loads": "warm, above",

@@ -50,7 +50,7 @@ def chunks() -> list[str]:
 @pytest.fixture(scope="module")
 def generator() -> LocalGenerator:
     """float32, the path whose samples do not depend on what shares a batch (in bfloat16 the
-    padding of a batch moves logits by a rounding error: see tasks/generators/local.py)."""
+    padding of a batch moves logits by a rounding error: see tasks/questions/local.py)."""
     return make_generator("local", n=2, dtype="float32", show_progress=False)
 
 

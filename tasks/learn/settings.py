@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, Tag
+from pydantic import ConfigDict, Field, Tag
 
 from tasks.llm.http import ApiConnection
 from tasks.llm.likelihood import MAX_PASSAGE_TOKENS
@@ -18,6 +18,8 @@ from tasks.settings import Settings, backend_tag
 
 class LocalJudgeSettings(Settings):
     """The bundled Gemma 3 270M's query likelihood, offline."""
+
+    model_config = ConfigDict(title="local: the bundled Gemma 3 270M")
 
     backend: Literal["local"] = "local"
     cache_size: int = Field(
@@ -36,6 +38,8 @@ class LocalJudgeSettings(Settings):
 class ApiJudgeSettings(ApiConnection):
     """A model behind an OpenAI-compatible API."""
 
+    model_config = ConfigDict(title="api: an OpenAI-compatible API")
+
     backend: Literal["api"] = "api"
     mode: Literal["logprobs", "chat"] = Field(
         "logprobs",
@@ -47,6 +51,8 @@ class ApiJudgeSettings(ApiConnection):
 
 class CrossEncoderJudgeSettings(Settings):
     """A sentence-transformers CrossEncoder reading (query, passage)."""
+
+    model_config = ConfigDict(title="cross-encoder: a sentence-transformers CrossEncoder")
 
     backend: Literal["cross-encoder"] = "cross-encoder"
     model: str = Field(

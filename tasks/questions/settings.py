@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, Tag, field_validator
+from pydantic import ConfigDict, Field, Tag, field_validator
 
 from tasks.llm.http import ApiConnection
 from tasks.questions.prompts import (
@@ -89,6 +89,8 @@ class _Prompted(Settings):
 class LocalGeneratorSettings(_Prompted):
     """The bundled Gemma 3 270M base model, offline."""
 
+    model_config = ConfigDict(title="local: the bundled Gemma 3 270M")
+
     backend: Literal["local"] = "local"
     # 16 measured ~1.9x faster than 8 on 2 cores; 32 and 48 no faster than 16: decoding reads
     # the weights once per step whatever the batch.
@@ -114,6 +116,8 @@ class ApiGeneratorSettings(_Prompted, ApiConnection):
 
     `chat` suits instruction models; `completions` sends the few-shot document, for base models.
     """
+
+    model_config = ConfigDict(title="api: an OpenAI-compatible API")
 
     backend: Literal["api"] = "api"
     endpoint: Literal["chat", "completions"] = Field(
