@@ -157,3 +157,35 @@ def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path):
     assert imports("tasks.x", tmp_path / "b.py", {"tasks.text"}) == {"tasks.text"}
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md is the map: a module it leaves out is one a newcomer cannot find."""
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    layout = page.split("## Layout", 1)[1].split("```")[1]
+    folder = package = ""
+    named: set[str] = set()
+    for line in layout.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        indent = len(line) - len(line.lstrip())
+        if words[0].endswith("/"):
+            # A top-level folder (flush left) or a package inside it (indented).
+            if indent == 0:
+                folder = package = words[0]
+            else:
+                package = folder + words[0]
+            continue
+        # Modules of the folder itself are indented once, those of a package twice.
+        where = folder if indent <= 2 else package
+        for word in words:
+            if not word.endswith(".py"):
+                break
+            named.add(where + word)
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in modules().values()
+        if path.name != "__init__.py" and str(path.relative_to(ROOT)) not in named
+    ]
+    assert not missing, f"docs/architecture.md leaves out {missing}"
