@@ -1,36 +1,57 @@
-"""The demo's last word: an example the judge confirms, with both models' ranks."""
+"""The demo's last word: counts over every held-out question, and the one at the median."""
 
 from __future__ import annotations
 
-from flows.demo import RIVALS, answered_example
+from flows.demo import BEYOND, rank_changes
 from tasks.models import MINILM
 from tasks.workspace import save_rows
-from tests.conftest import nist_rows
+from tests.conftest import nist_rows, save_with_prompts
 
 
-def test_the_example_is_a_held_out_question_its_own_chunk_answers(workspace):
+def held_out_workspace(workspace) -> list[dict]:
+    """Real NIST chunks, and for each of the first eight a held-out question made of four of
+    its words (one a retriever can miss), plus one training question."""
     rows = nist_rows(range(5, 8), "nist")
-    target = rows[3]
-    # A question lifted from its chunk's own words: the judge should prefer that chunk.
-    question = " ".join(target["text"].split()[:12]) + "?"
     save_rows(workspace.chunks_dir, rows)
-    save_rows(
-        workspace.questions_dir,
-        [
-            {
-                "question": "What is unrelated here?",
-                "chunk_id": rows[0]["id"],
-                "split": "train",
-                "kept": True,
-            },
-            {"question": question, "chunk_id": target["id"], "split": "test", "kept": True},
-        ],
+    questions = [
+        {
+            "question": " ".join(row["text"].split()[20:24]) + "?",
+            "chunk_id": row["id"],
+            "split": "test",
+            "kept": True,
+        }
+        for row in rows[:8]
+    ]
+    trained = {"question": "A question?", "chunk_id": rows[9]["id"], "split": "train"}
+    save_rows(workspace.questions_dir, [*questions, trained | {"kept": True}])
+    return questions
+
+
+def test_the_same_model_on_both_sides_changes_no_rank(workspace):
+    questions = held_out_workspace(workspace)
+
+    changes = rank_changes(str(workspace.root), MINILM, MINILM, 384)
+
+    assert (changes.better, changes.worse, changes.same) == (0, 0, 8)
+    example = changes.median
+    assert example is not None and example.question in {q["question"] for q in questions}
+    assert example.source == "nist.pdf" and example.base_rank == example.tuned_rank
+
+
+def test_the_example_is_the_held_out_question_at_the_median_rank_change(workspace, minilm):
+    questions = held_out_workspace(workspace)
+    # Another model for the "tuned" side: the same weights with a query prompt, which moves
+    # the query vectors and so some ranks, up and down.
+    other = save_with_prompts(
+        minilm, workspace.model_dir("prompted"), {"query": "Represent this question: "}
     )
 
-    example = answered_example(str(workspace.root), MINILM, MINILM, 384)
+    changes = rank_changes(str(workspace.root), MINILM, str(other), 384)
 
-    assert example is not None and example.question == question
-    assert example.chunk_id == target["id"] and example.source == "nist.pdf"
-    assert example.page == target["page_start"] and example.rivals == RIVALS
-    # Same model on both sides: the same rank, whatever it is (within the kept top 100).
-    assert isinstance(example.base_rank, int) and example.base_rank == example.tuned_rank
+    assert len(changes.moves) == len(questions) and list(changes.moves) == sorted(changes.moves)
+    assert changes.better > 0 and changes.worse > 0, "the check needs moves both ways"
+    assert changes.better + changes.worse + changes.same == len(questions)
+    example = changes.median
+    assert example is not None
+    moved = (example.base_rank or BEYOND) - (example.tuned_rank or BEYOND)
+    assert moved == changes.moves[(len(questions) - 1) // 2]
