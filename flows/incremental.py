@@ -16,13 +16,11 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from flows.params import RunnerParams
+from flows.params import RUNNER_FIELDS
 from tasks.workspace import Ledger, Workspace, fingerprint, fingerprint_files
 
 R = TypeVar("R", bound=BaseModel)
 
-#: Where the work runs does not change what it produces, so it is not part of a stage's key.
-_RUNNER_FIELDS = set(RunnerParams.model_fields) - {"workspace"}
 
 #: Stages that always run: publishing is idempotent and cheap when nothing changed, and
 #: re-pointing the alias is the point of running it.
@@ -50,7 +48,8 @@ class StageRunner:
     ) -> R:
         """Run `flow`, or reuse its last result; `reads` fingerprints inputs that are not in
         the parameters (the query log a learn stage reads)."""
-        inputs = params.model_dump(mode="json", exclude=_RUNNER_FIELDS)
+        # Where the work runs does not change what it produces, so it is not part of the key.
+        inputs = params.model_dump(mode="json", exclude=RUNNER_FIELDS)
         self.key = fingerprint(self.key, stage, inputs, reads)
         done = None if stage in ALWAYS_RUN else self.ledger.completed(stage, self.key)
         if done is not None and _outputs_exist(done):

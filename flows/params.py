@@ -117,7 +117,7 @@ class RunnerParams(WorkspaceParams):
 
     def runner_settings(self) -> dict[str, Any]:
         """Just the runner fields, to hand on to another flow's parameters."""
-        return self.model_dump(include=set(RunnerParams.model_fields) - {"workspace"})
+        return self.model_dump(include=RUNNER_FIELDS)
 
     def dask_runner(self) -> DaskTaskRunner | None:
         """The Dask task runner these parameters ask for, or None to work in-process."""
@@ -126,6 +126,10 @@ class RunnerParams(WorkspaceParams):
         from flows.runners import dask_runner
 
         return dask_runner(self.dask_address, self.dask_workers)
+
+
+#: The fields that say where work runs, not what it produces.
+RUNNER_FIELDS = set(RunnerParams.model_fields) - {"workspace"}
 
 
 # --- ingest ----------------------------------------------------------------------------------
@@ -374,12 +378,8 @@ class PublishParams(PublishSettings, StoreParams, RunnerParams):
     )
 
 
-def _alias() -> Any:
-    return Field("docs", description="Stable name of the published collection.")
-
-
 class AliasParams(StoreParams):
-    alias: str = _alias()
+    alias: str = Field("docs", description="Stable name of the published collection.")
 
 
 class SearchParams(AliasParams):

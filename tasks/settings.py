@@ -10,9 +10,10 @@ generator and judge backend build on it.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, TypeAdapter, model_validator
 
 
 class Settings(BaseModel):
@@ -49,3 +50,13 @@ def backend_tag(default: str) -> Discriminator:
         return str(getattr(value, "backend", default))
 
     return Discriminator(tag)
+
+
+def chosen_backend(union: Any, settings: Any, known: Sequence[str], what: str) -> Any:
+    """The typed settings of a backend `union`, from a model, a dict (with or without
+    `backend`) or a bare backend name; an unknown name is a `ValueError` listing `known`."""
+    if isinstance(settings, str):
+        if settings not in known:
+            raise ValueError(f"unknown {what} {settings!r}; known {what}s: {', '.join(known)}")
+        settings = {"backend": settings}
+    return TypeAdapter(union).validate_python(settings)

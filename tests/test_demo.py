@@ -22,8 +22,8 @@ def held_out_workspace(workspace) -> list[dict]:
         }
         for row in rows[:8]
     ]
-    trained = {"question": "A question?", "chunk_id": rows[9]["id"], "split": "train"}
-    save_rows(workspace.questions_dir, [*questions, trained | {"kept": True}])
+    trained = {"question": "A question?", "chunk_id": rows[9]["id"], "split": "train", "kept": True}
+    save_rows(workspace.questions_dir, [*questions, trained])
     return questions
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import PrivateAttr, TypeAdapter
+from pydantic import PrivateAttr
 
 from tasks.learn.settings import (
     JUDGES,
@@ -39,6 +39,7 @@ from tasks.llm.likelihood import (
     score_grouped,
     style_judges,
 )
+from tasks.settings import chosen_backend
 from tasks.workspace import fingerprint as hash_parts
 
 #: `mode="chat"`: the rubric the model grades each passage by.
@@ -215,9 +216,5 @@ def make_judge(settings: JudgeSettings | Mapping[str, Any] | str, **fields: Any)
     """The judge `settings` describe (a model, a dict with `backend`, or a bare backend name),
     with `fields` set on it; unknown backends or settings are a `ValueError` listing what is
     known."""
-    if isinstance(settings, str):
-        if settings not in JUDGES:
-            raise ValueError(f"unknown judge {settings!r}; known judges: {', '.join(JUDGES)}")
-        settings = {"backend": settings}
-    chosen = TypeAdapter(JudgeSettings).validate_python(settings)
+    chosen = chosen_backend(JudgeSettings, settings, JUDGES, "judge")
     return _BACKENDS[chosen.backend](**(chosen.model_dump(exclude_unset=True) | fields))

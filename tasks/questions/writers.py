@@ -8,22 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from tasks.questions.generation import QuestionGenerator
 from tasks.questions.settings import GENERATORS, GeneratorSettings
-
-
-def generator_settings(settings: GeneratorSettings | Mapping[str, Any] | str) -> GeneratorSettings:
-    """Typed settings from a model, a dict with `backend`, or a bare backend name."""
-    if isinstance(settings, str):
-        if settings not in GENERATORS:
-            raise ValueError(
-                f"Unknown question generator {settings!r}; known generators: "
-                f"{', '.join(GENERATORS)}"
-            )
-        settings = {"backend": settings}
-    return TypeAdapter(GeneratorSettings).validate_python(settings)
+from tasks.settings import chosen_backend
 
 
 def make_generator(
@@ -32,7 +19,7 @@ def make_generator(
     """The writer `settings` describe, with `fields` set on it (n, seed, show_progress, or any
     setting): `make_generator("local", n=2)`, `make_generator(params.generator, n=2, seed=7)`.
     Unknown backends or settings are a `ValueError` that lists what is known."""
-    chosen = generator_settings(settings)
+    chosen = chosen_backend(GeneratorSettings, settings, GENERATORS, "generator")
     values = chosen.model_dump(exclude_unset=True) | fields
     if chosen.backend == "local":
         from tasks.questions.local import LocalGenerator
