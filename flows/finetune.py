@@ -8,19 +8,28 @@ where the card is.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from datasets import Dataset
 from prefect import flow
 
 from flows.artifacts import markdown, progress_artifact
 from flows.params import FinetuneParams
+from tasks.learn.rows import load_training_rows
+from tasks.learn.settings import FORM_RECIPES
 from tasks.models import model_tag
 from tasks.retrieval.report import markdown_table
-from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
+from tasks.training.data import held_out_queries, load_pairs, pairs_from_questions
 from tasks.training.recipes import get_recipe
-from tasks.training.trainer import EvalSet, TrainResult, TrainSettings, TrainSummary, train
-from tasks.workspace import Workspace, fingerprint, load_rows
+from tasks.training.trainer import (
+    EvalSet,
+    Source,
+    TrainResult,
+    TrainSettings,
+    TrainSummary,
+    train,
+)
+from tasks.workspace import Workspace, fingerprint, load_rows, rows_to_dataset
 
 #: At most this many rows in the loss-curve artifact; longer runs are averaged into buckets.
 CURVE_ROWS = 60
@@ -47,17 +56,17 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
     """Fine-tune the base model on the workspace's questions or a training file."""
     ws = Workspace.at(params.workspace)
     spec = get_recipe(params.recipe)
-    if params.train_file:
-        data = load_pairs(params.train_file)
-        source = params.train_file
-        # Held-out questions still measure the model when the workspace has them.
-        chunks = _chunks(ws) if ws.chunks_dir.exists() else {}
-        questions = load_rows(ws.questions_dir) if chunks and ws.questions_dir.exists() else []
-    else:
-        chunks = _chunks(ws)
-        questions = load_rows(ws.questions_dir)
-        data, source = _training_set(ws, params, questions, chunks)
-    data_fp = fingerprint(sorted(tuple(row.values()) for row in data.to_list()))
+    # With a train file the workspace is optional; its held-out questions still measure.
+    chunks = _chunks(ws) if ws.chunks_dir.exists() or not params.train_file else {}
+    questions = load_rows(ws.questions_dir) if chunks and ws.questions_dir.exists() else []
+    sources, described = _training_set(ws, params, questions, chunks)
+    data_fp = fingerprint(
+        sorted(
+            json.dumps([name, s.recipe, s.weight, row], sort_keys=True)
+            for name, s in sources.items()
+            for row in s.rows.to_list()
+        )
+    )
     chosen = params.model_dump(include=TRAIN_FIELDS)
     settings = TrainSettings(recipe=spec.name, **chosen)
     # The name follows what changes the model: recipe, base model, data and these settings.
@@ -67,12 +76,13 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
     )
     queries, relevant = held_out_queries(questions, chunks)
     print(
-        f"training {params.base_model} with {spec.name} on {len(data)} rows from {source}; "
+        f"training {params.base_model} with {spec.name} on "
+        f"{sum(len(s.rows) for s in sources.values())} rows from {described}; "
         f"evaluating on {len(queries)} held-out questions against {len(chunks)} chunks"
     )
     result = train(
         params.base_model,
-        data,
+        sources,
         ws.model_dir(name),
         settings,
         eval_set=EvalSet(chunks, queries, relevant) if queries else None,
@@ -126,19 +136,43 @@ def training_report(result: TrainResult, name: str) -> str:
 
 def _training_set(
     ws: Workspace, params: FinetuneParams, questions: list[dict], chunks: dict[str, str]
-) -> tuple[Dataset, str]:
-    """The synthetic questions' train split, mixed with what `learn` made of the query log
-    where it made anything, each with its weight."""
-    learned = ws.learned_dir / "train"
-    sets, sources = [], []
-    if params.synthetic_weight > 0:
-        synthetic = pairs_from_questions(questions, chunks, "train").to_list()
-        sets.append((synthetic, params.synthetic_weight))
-        sources.append(f"{ws.questions_dir} (train split, weight {params.synthetic_weight:g})")
-    if learned.exists() and params.log_weight > 0:
-        sets.append((load_rows(learned), params.log_weight))
-        sources.append(f"{learned} (judged query log, weight {params.log_weight:g})")
-    return mix(sets, params.seed), " + ".join(sources) or "nothing"
+) -> tuple[dict[str, Source], str]:
+    """Every source of training rows the workspace has, each with its weight and the loss its
+    rows are for: the user's own pairs, the synthetic questions (the judge's labels where the
+    label stage wrote them, else (question, own chunk) pairs), and what `learn` made of the
+    query log. The same rows reach the trainer whichever flow made them."""
+    sources: dict[str, Source] = {}
+    described = []
+    if params.train_file:
+        sources["yours"] = Source(load_pairs(params.train_file), params.recipe)
+        described.append(params.train_file)
+    judged = ws.judged_questions_dir
+    if questions and params.synthetic_weight > 0:
+        if judged.exists():
+            rows, form = load_training_rows(judged)
+            data = rows_to_dataset(rows)
+            what = f"{judged} (judge-labelled questions, {form})"
+        else:
+            data, form = pairs_from_questions(questions, chunks, "train"), "positives"
+            what = f"{ws.questions_dir} (train split)"
+        sources["synthetic"] = Source(data, _recipe(form, params), params.synthetic_weight)
+        described.append(f"{what}, weight {params.synthetic_weight:g}")
+    logged = ws.learned_dir / "train"
+    if logged.exists() and params.log_weight > 0:
+        rows, form = load_training_rows(logged)
+        sources["log"] = Source(rows_to_dataset(rows), _recipe(form, params), params.log_weight)
+        described.append(f"{logged} (judged query log, {form}, weight {params.log_weight:g})")
+    if not sources:
+        raise ValueError(
+            f"nothing to train on in {ws.root}: no questions, no judged log and no train_file"
+        )
+    return sources, " + ".join(described)
+
+
+def _recipe(form: str, params: FinetuneParams) -> str:
+    """The recipe a source's rows train with: pairs and triplets with the run's own recipe,
+    the judge's scores or margins with the distillation recipe for them."""
+    return params.recipe if form in ("positives", "negatives") else FORM_RECIPES[form]
 
 
 def _chunks(ws: Workspace) -> dict[str, str]:

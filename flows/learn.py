@@ -29,11 +29,12 @@ from tasks.learn.rows import (
     embed_for_retrieval,
     judge_queries,
     judged_eval_set,
+    save_training_rows,
     training_rows,
 )
 from tasks.models import load_model
 from tasks.retrieval.report import markdown_table
-from tasks.workspace import Workspace, load_rows, save_rows
+from tasks.workspace import Workspace, load_rows
 
 
 class LearnResult(BaseModel):
@@ -103,7 +104,7 @@ def learn(params: LearnParams = LearnParams()) -> LearnResult:  # noqa: B008
     rows_path = None
     ws.learned_dir.mkdir(parents=True, exist_ok=True)
     if rows:
-        rows_path = str(save_rows(ws.learned_dir / "train", rows))
+        rows_path = str(save_training_rows(ws.learned_dir / "train", rows, params.label_form))
     else:
         # Rows of an earlier log must not stand in for this one's.
         shutil.rmtree(ws.learned_dir / "train", ignore_errors=True)

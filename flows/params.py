@@ -210,6 +210,42 @@ class QuestionParams(QuestionSettings, BaseModelParams, SeedParams, RunnerParams
     questions_per_chunk: int = Field(2, ge=1, description="Questions asked per chunk.")
 
 
+# --- label -----------------------------------------------------------------------------------
+
+
+class LabelSettings(Params):
+    """How the judge labels the synthetic questions: the label section of the pipeline. The
+    pipeline's judge is the learn section's, so both stages share one judgement cache."""
+
+    enabled: bool = Field(
+        True,
+        description="Judge the synthetic questions: keep only grounded ones, in training and "
+        "in the held-out set. Off: every question the filters kept counts.",
+    )
+    top_k: int = Field(
+        10, ge=1, le=100, description="Base candidates judged per question, besides its chunk."
+    )
+    ground_top_r: int = Field(
+        1,
+        ge=1,
+        description="A question is grounded, and kept, when the judge ranks the chunk it was "
+        "written from this high among its candidates.",
+    )
+    train_form: Literal["distill", "margin", "pairs"] = Field(
+        "distill",
+        description="What grounded training questions teach: distill, the teacher's scores "
+        "over their candidates; margin, its margins of the own chunk over the others "
+        "(MarginMSE, GPL); pairs, (question, own chunk) for the finetune recipe.",
+    )
+
+
+class LabelParams(LabelSettings, BaseModelParams, SeedParams, RunnerParams):
+    judge: JudgeSettings = Field(
+        default_factory=LocalJudgeSettings,
+        description=f"Who labels the questions, chosen by backend ({', '.join(JUDGES)}).",
+    )
+
+
 # --- learn -----------------------------------------------------------------------------------
 
 
@@ -230,10 +266,12 @@ class LearnSettings(Params):
     # 20, not 10: on SciFact the nudge and the distilled model both gained more from twice the
     # candidates (+4.98 against +3.38 NDCG@10 together), for twice the judge's time.
     top_k: int = Field(20, ge=2, le=100, description="Candidates the judge scores per query.")
+    # distill: the only form measured to help on held-out human claims (BENCHMARKS.md).
     label_form: LabelForm = Field(
-        "positives",
-        description="positives: (query, judge's top chunk); negatives: plus a hard negative; "
-        "distill: the judge's scores over all candidates (recipe matryoshka-distill).",
+        "distill",
+        description="distill: the judge's scores over all candidates (recipe "
+        "matryoshka-distill); margin: the teacher's margins (matryoshka-margin-mse); "
+        "positives: (query, judge's top chunk); negatives: plus a hard negative.",
     )
     held_out_share: float = Field(
         0.2, ge=0, lt=1, description="Share of the log (by query, seeded) never trained on."
@@ -256,7 +294,8 @@ class FinetuneSettings(Params):
     train_file: str | None = Field(
         None,
         description="Your own pairs/triplets (CSV, JSONL or a saved dataset folder with "
-        "anchor/positive[/negative] or query/passage columns); blank: the workspace questions.",
+        "anchor/positive[/negative] or query/passage columns), trained with the workspace's "
+        "questions and judged log where it has them.",
     )
     epochs: int | None = Field(None, description="Epochs; blank: the recipe's.")
     batch_size: int | None = Field(None, description="Batch size; blank: the recipe's.")
@@ -279,10 +318,13 @@ class FinetuneSettings(Params):
         1.0,
         ge=0,
         description="Weight of the rows `learn` made from logged queries, where there are "
-        "any (2: each row twice; 0: leave them out).",
+        "any: the factor on their loss (0: leave them out).",
     )
     synthetic_weight: float = Field(
-        1.0, ge=0, description="Weight of the synthetic questions (0: train on the log alone)."
+        1.0,
+        ge=0,
+        description="Weight of the synthetic questions: the factor on their loss (0: train on "
+        "the log and your own pairs alone).",
     )
 
 
@@ -498,6 +540,9 @@ class RefreshParams(RunParams):
 class PipelineParams(RunParams):
     """What a user sets for a whole run: every stage's section, and what to do at the gate."""
 
+    label: LabelSettings = Field(
+        default_factory=LabelSettings, description="The judge labels the synthetic questions"
+    )
     learn: LearnSettings = Field(
         default_factory=LearnSettings,
         description="Learning from logged queries (runs when the query log has any)",
@@ -510,6 +555,14 @@ class PipelineParams(RunParams):
     publish_if_gated: bool = Field(
         False, description="Publish the tuned model even when the gate says it is not better."
     )
+
+    def label_params(self) -> LabelParams:
+        return LabelParams(
+            **self.runner_settings(),
+            **self._shared("workspace", "base_model", "seed"),
+            **self.label.model_dump(),
+            judge=self.learn.judge,
+        )
 
     def learn_params(self) -> LearnParams:
         return LearnParams(

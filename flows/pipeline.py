@@ -1,9 +1,11 @@
-"""The whole path: ingest → questions → (learn) → finetune → evaluate → gate → publish.
+"""The whole path: ingest → questions → label → (learn) → finetune → evaluate → gate → publish.
 
 Each stage is its own flow (runnable alone from the shell or the dashboard) and runs here as a
 subflow, so the dashboard shows one run per stage with its own artifacts. The pipeline only
-chooses defaults (from a profile), passes paths between stages and applies the gate. The learn
+chooses defaults (from a profile), passes paths between stages and applies the gate. The label
+stage (the judge over the synthetic questions) runs unless `label.enabled` is off; the learn
 stage runs when there are logged queries to learn from (`querylog/` or `learn.queries_file`).
+With no log the model trains on the judged questions; with one, on both.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.incremental import StageRunner, sources_key
 from flows.ingest import IngestResult, ingest
+from flows.label import label
 from flows.learn import learn, log_files
 from flows.params import PipelineParams, RunParams
 from flows.publish import publish
@@ -54,6 +57,8 @@ def pipeline(params: PipelineParams | None = None) -> State:
     """Tune a retriever on a folder of documents and publish it to Chroma if it is better."""
     p = (params or PipelineParams()).resolved()
     stages, chunked, asked = ingest_and_ask(p)
+    if p.label.enabled:
+        stages.run("label", label, p.label_params())
     log = log_files(Workspace.at(p.workspace), p.learn.queries_file)
     if log:
         stages.run("learn", learn, p.learn_params(), reads=fingerprint_files(log))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -161,6 +162,8 @@ def ask(params: QuestionParams, generator: QuestionGenerator) -> QuestionsResult
         round_trip_top_k=params.round_trip_top_k,
     )
     path = save_rows(ws.questions_dir, [asdict(q) for q in asked])
+    # Rows the judge made of an earlier question set must not stand in for this one's.
+    shutil.rmtree(ws.judged_questions_dir, ignore_errors=True)
     rejected = summary.dropped
     print(
         f"{summary.generated} questions generated, {summary.kept} kept "

@@ -61,6 +61,11 @@ class Workspace:
         return self.root / "learned"
 
     @property
+    def judged_questions_dir(self) -> Path:
+        """Training rows the label stage made of the synthetic questions' judgements."""
+        return self.learned_dir / "synthetic"
+
+    @property
     def models_dir(self) -> Path:
         return self.root / "models"
 

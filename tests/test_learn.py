@@ -415,3 +415,22 @@ def test_judges_are_chosen_by_name_and_fingerprinted_by_what_changes_their_score
         make_judge("oracle")
     with pytest.raises(ValueError, match=r"api_key is not a setting.*environment variable"):
         make_judge("api", api_key="sk-nope")
+
+
+def test_the_nudge_stays_off_when_its_best_step_shows_no_gain_with_an_interval_above_zero(minilm):
+    # The judge chooses what the retriever already ranks first: nudging can only tie.
+    asked = [q for q, _ in ANSWERED] * 4 + [f"capital city of Peru {n}" for n in range(12)]
+    documents = minilm.encode(PASSAGES, normalize_embeddings=True)
+    vectors = minilm.encode(asked, normalize_embeddings=True)
+    first = np.argmax(vectors @ documents.T, axis=1)
+    judged = [
+        JudgedQuery(
+            q, ["p0", "p1", "p2"], [0.0] * 3, [0.0 if i == best else -5.0 for i in range(3)], False
+        )
+        for q, best in zip(asked, first, strict=True)
+    ]
+
+    step, by_step = choose_nudge_step(documents, {"p0": 0, "p1": 1, "p2": 2}, judged, vectors)
+
+    assert by_step, "the check share was not empty"
+    assert step == 0.0 and by_step[0.0] == max(by_step.values())

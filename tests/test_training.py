@@ -16,17 +16,19 @@ from sentence_transformers import SentenceTransformer
 
 from flows.finetune import finetune
 from flows.params import FinetuneParams
-from tasks.models import MINILM
+from tasks.models import MINILM, load_model
 from tasks.training.data import load_pairs
 from tasks.training.recipes import RECIPES, matryoshka_dims
 from tasks.training.trainer import (
     EvalSet,
+    Source,
     TrainingDiverged,
     TrainSettings,
     mine_negatives,
     train,
 )
-from tasks.workspace import save_rows
+from tasks.workspace import rows_to_dataset, save_rows
+from tests.conftest import ANSWERED, PASSAGES
 
 CAPITALS = [
     ("France", "Paris"),
@@ -68,6 +70,7 @@ CARD_LOSS = {
     "cached-mnrl": ["loss:CachedMultipleNegativesRankingLoss"],
     "gist": ["loss:GISTEmbedLoss"],
     "matryoshka-distill": ["loss:MatryoshkaLoss", "loss:DistillKLDivLoss"],
+    "matryoshka-margin-mse": ["loss:MatryoshkaLoss", "loss:MarginMSELoss"],
 }
 
 
@@ -116,11 +119,13 @@ def test_each_recipe_trains_and_saves_a_model_that_reloads_with_its_card_and_pro
 ):
     corpus, queries, relevant = eval_data() if recipe == "matryoshka-mnrl" else (None,) * 3
     if RECIPES[recipe].needs_labels:
-        # A teacher's scores for (positive, negative): the next row's passage is the negative.
+        # A teacher's scores for (positive, negative), or its margin of the one over the
+        # other: the next row's passage is the negative.
         rows = pairs.to_list()
+        labels = [3.0] if RECIPES[recipe].loss == "MarginMSELoss" else [2.0, -1.0]
         pairs = Dataset.from_list(
             [
-                {**row, "negative": rows[(i + 1) % len(rows)]["positive"], "label": [2.0, -1.0]}
+                {**row, "negative": rows[(i + 1) % len(rows)]["positive"], "label": labels}
                 for i, row in enumerate(rows)
             ]
         )
@@ -322,7 +327,7 @@ def test_finetune_flow_trains_on_the_train_split_and_evaluates_on_the_test_split
     assert artifacts["finetune-progress"].data == 100.0
 
 
-def test_finetune_flow_mixes_the_judged_query_log_with_the_questions_by_weight(
+def test_finetune_flow_trains_the_judged_query_log_with_the_questions_each_by_its_weight(
     prefect_api, workspace
 ):
     save_capitals_workspace(workspace)
@@ -336,9 +341,13 @@ def test_finetune_flow_mixes_the_judged_query_log_with_the_questions_by_weight(
     mixed = finetune(FinetuneParams(**quick, log_weight=2))
     logged_only = finetune(FinetuneParams(**quick, synthetic_weight=0))
 
-    assert mixed.train_pairs == 18 + 2 * 5
-    assert logged_only.train_pairs == 5
-    with pytest.raises(ValueError, match="no training rows"):
+    assert mixed.train_pairs == 18 + 5 and logged_only.train_pairs == 5
+    made = json.loads((Path(mixed.model_path) / "ragtune.json").read_text())["sources"]
+    assert made == {
+        "synthetic": {"recipe": "matryoshka-mnrl", "weight": 1.0, "rows": 18},
+        "log": {"recipe": "matryoshka-mnrl", "weight": 2.0, "rows": 5},
+    }
+    with pytest.raises(ValueError, match="nothing to train on"):
         finetune(FinetuneParams(**quick, synthetic_weight=0, log_weight=0))
 
 
@@ -392,3 +401,39 @@ def test_finetune_flow_trains_on_a_user_jsonl_of_triplets(prefect_api, workspace
     record = json.loads((workspace.model_dir("from-triplets") / "ragtune.json").read_text())
     assert record["hard_negatives_mined"] is False, "the file's own negatives are used"
     assert "loss:TripletLoss" in (workspace.model_dir("from-triplets") / "README.md").read_text()
+
+
+def test_synthetic_distill_rows_and_logged_pairs_train_together_in_one_run(tmp_path):
+    distill = rows_to_dataset(
+        [
+            {
+                "anchor": "Which city lies at the head of the Oslofjord?",
+                "positive": PASSAGES[0],
+                "negative": PASSAGES[1],
+                "negative_2": PASSAGES[2],
+                "label": [1.5, -0.5, -1.0],
+            },
+            {
+                "anchor": "How do plants make sugar from light?",
+                "positive": PASSAGES[2],
+                "negative": PASSAGES[0],
+                "negative_2": PASSAGES[1],
+                "label": [1.2, -0.2, -1.0],
+            },
+        ]
+    )
+    logged = rows_to_dataset([{"anchor": q, "positive": PASSAGES[i]} for q, i in ANSWERED])
+    sources = {
+        "synthetic": Source(distill, "matryoshka-distill"),
+        "log": Source(logged, "matryoshka-mnrl", weight=0.5),
+    }
+
+    result = train(MINILM, sources, tmp_path / "m", TrainSettings(batch_size=2, epochs=1))
+
+    assert result.train_pairs == 5 and result.steps == 3, "one batch of 2 and two of the log"
+    made = json.loads((tmp_path / "m" / "ragtune.json").read_text())["sources"]
+    assert made == {
+        "synthetic": {"recipe": "matryoshka-distill", "weight": 1.0, "rows": 2},
+        "log": {"recipe": "matryoshka-mnrl", "weight": 0.5, "rows": 3},
+    }
+    assert load_model(str(tmp_path / "m")).encode(["Lima"]).shape == (1, 384)

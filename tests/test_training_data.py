@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from tasks.retrieval.evaluation import MetricsError
-from tasks.training.data import held_out_queries, load_pairs, mix, pairs_from_questions
+from tasks.training.data import held_out_queries, load_pairs, pairs_from_questions
 
 
 def question(text: str, chunk_id: str, split: str, kept: bool | None = True) -> dict:
@@ -119,23 +119,3 @@ def test_held_out_questions_about_chunks_that_are_gone_are_an_error():
     questions = [question("stale", "gone", "test")]
     with pytest.raises(MetricsError, match=r"1 test questions .* re-run the questions flow"):
         held_out_queries(questions, {"c1": "one"})
-
-
-def test_mixed_sets_are_weighted_and_keep_the_columns_they_share():
-    synthetic = [{"anchor": f"s{i}", "positive": f"p{i}"} for i in range(4)]
-    logged = [{"anchor": f"l{i}", "positive": f"p{i}", "negative": f"n{i}"} for i in range(3)]
-
-    mixed = mix([(synthetic, 0.5), (logged, 2)])
-    alone = mix([(synthetic, 0), (logged, 1)])
-
-    assert mixed.column_names == ["anchor", "positive"]
-    anchors = mixed["anchor"]
-    assert sum(a.startswith("s") for a in anchors) == 2, "a seeded half of the questions"
-    assert mix([(synthetic, 0.5), (logged, 2)])["anchor"] == anchors
-    assert sorted(a for a in anchors if a.startswith("l")) == ["l0", "l0", "l1", "l1", "l2", "l2"]
-    assert alone.column_names == ["anchor", "positive", "negative"] and len(alone) == 3
-
-    with pytest.raises(ValueError, match="weight must be 0 or more"):
-        mix([(synthetic, -1)])
-    with pytest.raises(ValueError, match="no training rows"):
-        mix([(synthetic, 0), (logged, 0)])

@@ -69,9 +69,18 @@ JudgeSettings = Annotated[
 ]
 
 #: How the judge's labels become training rows: (query, top chunk); plus the judge's lowest
-#: candidate as a hard negative; or the judge's scores over all candidates (distillation).
-LabelForm = Literal["positives", "negatives", "distill"]
-LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill")
+#: candidate as a hard negative; the judge's scores over all candidates (distillation); or the
+#: teacher's margins of a positive over the other candidates (MarginMSE).
+LabelForm = Literal["positives", "negatives", "distill", "margin"]
+LABEL_FORMS: tuple[str, ...] = ("positives", "negatives", "distill", "margin")
+
+#: The recipe each label form trains under.
+FORM_RECIPES = {
+    "positives": "matryoshka-mnrl",
+    "negatives": "matryoshka-mnrl",
+    "distill": "matryoshka-distill",
+    "margin": "matryoshka-margin-mse",
+}
 
 #: The backends the learn stage can name.
 JUDGES = ("local", "api", "cross-encoder")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,25 +175,3 @@ def _read_dataset_folder(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} holds splits {list(data)} but no 'train' split")
         data = data["train"]
     return data.to_list()
-
-
-def mix(sets: Sequence[tuple[Sequence[dict[str, Any]], float]], seed: int = 42) -> Dataset:
-    """One training set from several, each with a weight: a weight of 2 repeats every row
-    twice, 0.5 keeps a seeded half, 0 leaves the set out. Rows keep only the columns every
-    set has (synthetic pairs have no negatives or judge scores), in their usual order."""
-    import random
-
-    rng = random.Random(seed)
-    chosen: list[list[dict[str, Any]]] = []
-    for rows, weight in sets:
-        if weight < 0:
-            raise ValueError(f"a training set's weight must be 0 or more, got {weight}")
-        whole, part = divmod(weight, 1)
-        picked = [dict(row) for row in rows] * int(whole)
-        picked += rng.sample([dict(row) for row in rows], round(part * len(rows)))
-        if picked:
-            chosen.append(picked)
-    if not chosen:
-        raise ValueError("no training rows: every set is empty or has weight 0")
-    common = [key for key in chosen[0][0] if all(key in rows[0] for rows in chosen)]
-    return rows_to_dataset([{key: row[key] for key in common} for rows in chosen for row in rows])

@@ -130,6 +130,18 @@ RECIPES: dict[str, Recipe] = {
             needs_labels=True,
         ),
         Recipe(
+            name="matryoshka-margin-mse",
+            loss="MarginMSELoss",
+            batch_size=16,
+            epochs=1,
+            matryoshka=True,
+            seed_card=None,
+            description="MatryoshkaLoss(MarginMSELoss): learn the teacher's margin of each "
+            "query's positive over its other candidates (GPL; rows from `label_form=margin`).",
+            learning_rate=2e-5,
+            needs_labels=True,
+        ),
+        Recipe(
             name="gist",
             loss="GISTEmbedLoss",
             batch_size=32,
@@ -212,6 +224,19 @@ def distill_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> A
     )
 
 
+def margin_mse_loss(model: SentenceTransformer, spec: Recipe, base_model: str) -> Any:
+    """Squared error between the student's margin of the positive over each negative and the
+    teacher's. MatryoshkaLoss hands the loss unit vectors at every width, so the student's
+    similarity is a cosine, scaled by the recipe's `scale` to the teacher's z-score units."""
+    import functools
+
+    from sentence_transformers.sentence_transformer import losses
+
+    return losses.MarginMSELoss(
+        model, similarity_fct=functools.partial(scaled_cosine, scale=spec.scale)
+    )
+
+
 #: Each recipe's `loss` names the function that builds it with the recipe's parameters.
 LOSSES: dict[str, Callable[[SentenceTransformer, Recipe, str], Any]] = {
     "MultipleNegativesRankingLoss": mnrl_loss,
@@ -219,6 +244,7 @@ LOSSES: dict[str, Callable[[SentenceTransformer, Recipe, str], Any]] = {
     "TripletLoss": triplet_loss,
     "GISTEmbedLoss": gist_loss,
     "DistillKLDivLoss": distill_loss,
+    "MarginMSELoss": margin_mse_loss,
 }
 
 

@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from pydantic import BaseModel, Field
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import (
     InformationRetrievalEvaluator,
     SequentialEvaluator,
 )
+from torch import nn
 from transformers import TrainerCallback
 
 from tasks.models import BUNDLED, load_model
@@ -183,6 +184,35 @@ class TrainSettings:
         return chosen
 
 
+@dataclass(frozen=True)
+class Source:
+    """One source of training rows (synthetic questions, a judged query log, a user's pairs),
+    the recipe whose loss it trains under, and its weight: the factor on its loss. Every
+    source trains in one run, each batch from one source and through that source's loss
+    (sentence-transformers' dataset and loss dicts)."""
+
+    rows: Dataset
+    recipe: str = DEFAULT_RECIPE
+    weight: float = 1.0
+
+
+class Weighted(nn.Module):
+    """A loss times a fixed weight: sentence-transformers routes batches to a loss per
+    dataset but has no weight per dataset, and scaling the loss keeps every row in play where
+    sampling rows would drop some."""
+
+    def __init__(self, loss: Any, weight: float) -> None:
+        super().__init__()
+        self.loss = loss
+        self.weight = weight
+
+    def forward(self, features: Any, labels: Any) -> Any:
+        return self.weight * self.loss(features, labels)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight}
+
+
 class EvalSet(NamedTuple):
     """Queries, the corpus they search and the documents relevant to each: what the trainer's
     evaluator measures while training."""
@@ -194,7 +224,7 @@ class EvalSet(NamedTuple):
 
 def train(
     base_model: str,
-    train_data: Dataset,
+    train_data: Dataset | Mapping[str, Source],
     output_dir: Path,
     settings: TrainSettings = TrainSettings(),
     *,
@@ -203,7 +233,10 @@ def train(
     data_fingerprint: str = "",
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Fine-tune `base_model` on (anchor, positive[, negative]) rows with a named recipe.
+    """Fine-tune `base_model` on (anchor, positive[, negative]) rows with a named recipe, or
+    on several named `Source`s at once, each through its own recipe's loss; the settings'
+    recipe sets the prompts (a model keeps one query and one document prompt), batch size,
+    epochs and learning rate.
 
     Writes a sentence-transformers model folder to `output_dir` (with the automatic model card
     and the recipe's prompts) plus `ragtune.json`. Checkpoints go to `output_dir/checkpoints`
@@ -231,27 +264,54 @@ def train(
     width = model.get_embedding_dimension()
     dims = matryoshka_dims(width) if spec.matryoshka else [width]
 
-    # 2. The data: checked columns, hard negatives mined when the recipe or the caller asks.
-    data = _with_labels(validate_columns(train_data), spec)
-    rows_hash = _rows_hash(data)
-    data, mined, pool = _with_negatives(data, model, spec, settings.hard_negatives, negatives_from)
-
-    # 3. The loss: the recipe's, inside MatryoshkaLoss where it trains every dimension.
-    loss = build_loss(model, spec, dims, base_model)
+    # 2. The data, and 3. the loss of each source: checked columns, hard negatives mined where
+    #    its recipe or the caller asks, its recipe's loss inside MatryoshkaLoss where it trains
+    #    every dimension, scaled by the source's weight.
+    named = isinstance(train_data, Mapping)
+    sources = dict(train_data) if named else {"train": Source(train_data, spec.name)}
+    datasets, loss_fns, hashes, mined, pool = {}, {}, {}, False, 0
+    for name, source in sources.items():
+        if not source.weight >= 0:
+            raise ValueError(f"source {name!r} has weight {source.weight}: use 0 or more")
+        if source.weight == 0:
+            continue
+        recipe = get_recipe(source.recipe)
+        label = f"training source {name!r}" if named else "training data"
+        rows = _with_labels(validate_columns(source.rows, label), recipe)
+        hashes[name] = _rows_hash(rows)
+        datasets[name], mined_here, pool_here = _with_negatives(
+            rows, model, recipe, settings.hard_negatives, negatives_from
+        )
+        mined, pool = mined or mined_here, max(pool, pool_here)
+        loss = build_loss(model, recipe, dims, base_model)
+        loss_fns[name] = loss if source.weight == 1 else Weighted(loss, source.weight)
+    if not datasets:
+        raise ValueError("no training rows: every source is empty or has weight 0")
+    many = len(datasets) > 1
+    data = DatasetDict(datasets) if many else next(iter(datasets.values()))
+    loss = loss_fns if many else next(iter(loss_fns.values()))
+    rows_hash = _rows_hash_of(hashes) if named else hashes["train"]
+    made_of = {
+        name: {"recipe": sources[name].recipe, "weight": sources[name].weight, "rows": len(d)}
+        for name, d in datasets.items()
+    }
 
     # 4. The arguments, and the checkpoint of an earlier identical run to resume.
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "ragtune.json").unlink(missing_ok=True)
     checkpoints = output_dir / "checkpoints"
-    run = _run_record(spec, settings, base_model, data, rows_hash, mined, pool, data_fingerprint)
+    total = sum(len(d) for d in datasets.values())
+    run = _run_record(spec, settings, base_model, total, rows_hash, mined, pool, data_fingerprint)
+    if named:
+        run["sources"] = made_of
     resume_from = _checkpoint_to_resume(checkpoints, run) if settings.resume else None
     if resume_from is None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "run.json").write_text(json.dumps(run, sort_keys=True, default=str))
     evaluator = _evaluator(eval_set, dims, spec, inference_length, settings.batch_size)
-    args = _arguments(spec, settings, checkpoints, len(data), evaluator is not None, on_gpu)
+    args = _arguments(spec, settings, checkpoints, total, evaluator is not None, on_gpu)
 
     # 5. The trainer: sentence-transformers' own.
     trainer = SentenceTransformerTrainer(
@@ -289,7 +349,7 @@ def train(
         recipe=spec.name,
         dims=dims,
         steps=trainer.state.global_step,
-        train_pairs=len(data),
+        train_pairs=total,
         wall_s=wall_s,
         log_history=history,
         metrics=metrics,
@@ -300,7 +360,7 @@ def _run_record(
     spec: Recipe,
     settings: TrainSettings,
     base_model: str,
-    data: Dataset,
+    rows: int,
     rows_hash: str,
     mined: bool,
     pool: int,
@@ -313,7 +373,7 @@ def _run_record(
         "base_model": base_model,
         "data_fingerprint": data_fingerprint,
         "rows_sha256": rows_hash,
-        "train_pairs": len(data),
+        "train_pairs": rows,
         "hard_negatives_mined": mined,
         "negatives_mined_from": pool,
         **{
@@ -384,7 +444,6 @@ def _arguments(
     on_gpu: bool,
 ) -> Any:
     from sentence_transformers.sentence_transformer.training_args import (
-        BatchSamplers,
         SentenceTransformerTrainingArguments,
     )
 
@@ -399,7 +458,7 @@ def _arguments(
         warmup_steps=settings.warmup,
         seed=settings.seed,
         data_seed=settings.seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        batch_sampler=batch_sampler_for,
         prompts=spec.prompts() or None,
         eval_strategy="steps" if evaluate else "no",
         # Each evaluation re-embeds the whole corpus per dimension: twice a run is plenty.
@@ -416,6 +475,25 @@ def _arguments(
         dataloader_num_workers=0,
         report_to="none",
     )
+
+
+def batch_sampler_for(dataset: Dataset, **options: Any) -> Any:
+    """Batches without repeated texts for rows whose loss takes the batch's other passages as
+    negatives; plain random batches for rows with the teacher's labels, whose loss reads only
+    the row's own candidates. One no-duplicates setting for every dataset would hold back
+    distillation rows that share candidates, and the end of an epoch would be all leftovers."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
+    from torch.utils.data import RandomSampler
+
+    if "label" in dataset.column_names:
+        return DefaultBatchSampler(
+            RandomSampler(dataset, generator=options["generator"]), **options
+        )
+    return NoDuplicatesBatchSampler(dataset, **options)
+
+
+def _rows_hash_of(hashes: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Watch(TrainerCallback):
