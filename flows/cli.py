@@ -286,8 +286,9 @@ def demo(workspace: str) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _configure_environment()
-    result = run_pipeline(PipelineParams(workspace=workspace, profile="demo"))
-    print_demo_summary(result, workspace)
+    params = PipelineParams(workspace=workspace, profile="demo")
+    result = run_pipeline(params)
+    print_demo_summary(result, workspace, params.resolved().label)
 
 
 def build_cli() -> click.Group:

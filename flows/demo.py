@@ -1,11 +1,13 @@
 """What `make demo` prints at the end: where everything is, the report, and one example.
 
 Every line must be true as printed. A held-out question is one the bundled Gemma wrote from a
-chunk; a 270M model writes some its chunk cannot answer, so the demo says "written from",
-never "answered by". It counts, over all held-out questions, how often the tuned model ranks
-the chunk a question was written from higher, lower or the same as the base model, and shows
-the question at the median of those rank changes: a rule the output states, so the example is
-neither the best case nor picked to flatter.
+chunk; a 270M model writes some its chunk cannot answer, so the label stage keeps only the
+grounded ones (the judge ranks their own chunk high among the base model's candidates), and
+the demo still says "written from", never "answered by": a grounded question is one the judge
+prefers its chunk for, not one a person checked. It counts, over all held-out questions, how
+often the tuned model ranks the chunk a question was written from higher, lower or the same as
+the base model, and shows the question at the median of those rank changes: a rule the output
+states, so the example is neither the best case nor picked to flatter.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flows.params import LabelSettings
 
 #: What "not in the top 100" counts as when ranks are compared.
 BEYOND = 101
@@ -90,7 +95,21 @@ def _rank(rank: int | None) -> str:
     return f"rank {rank}" if rank is not None else "not in the top 100"
 
 
-def print_demo_summary(result: Any, workspace: str) -> None:
+def held_out_line(total: int, dim: int, label: LabelSettings | None) -> str:
+    """What the held-out questions are, as the run made them."""
+    checked = (
+        f"each grounded: the judge ranked its own chunk in its top {label.ground_top_r} among "
+        f"the base model's top {label.top_k} and that chunk"
+        if label is not None and label.enabled
+        else "not checked for being answerable"
+    )
+    return (
+        f"On the {total} held-out questions (written by the bundled Gemma from their chunks, "
+        f"never trained on; {checked}), at dim {dim}"
+    )
+
+
+def print_demo_summary(result: Any, workspace: str, label: LabelSettings | None = None) -> None:
     from flows.params import SearchParams
     from flows.search import search as search_flow
     from tasks.workspace import Workspace
@@ -113,10 +132,9 @@ def print_demo_summary(result: Any, workspace: str) -> None:
     changes = rank_changes(workspace, base_model, result.model_path, result.dim)
     total = changes.better + changes.worse + changes.same
     print(
-        f"\nOn the {total} held-out questions (written by the bundled Gemma from their chunks, "
-        "never trained on; not checked for being answerable), at dim "
-        f"{result.dim} the tuned model ranks a question's own chunk higher than the base model "
-        f"for {changes.better}, lower for {changes.worse} and the same for {changes.same}."
+        f"\n{held_out_line(total, result.dim, label)} the tuned model ranks a question's own "
+        f"chunk higher than the base model for {changes.better}, lower for {changes.worse} and "
+        f"the same for {changes.same}."
     )
     print(
         "Tuning helped on these questions by the gate's test: the tuned model is published."

@@ -32,6 +32,9 @@ class PipelineResult(BaseModel):
     workspace: str
     chunks: int
     questions_kept: int
+    questions_grounded: int | None = Field(
+        None, description="Kept questions the judge found grounded (None: not labelled)."
+    )
     model_path: str
     report_dir: str
     published: bool
@@ -57,8 +60,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
     """Tune a retriever on a folder of documents and publish it to Chroma if it is better."""
     p = (params or PipelineParams()).resolved()
     stages, chunked, asked = ingest_and_ask(p)
-    if p.label.enabled:
-        stages.run("label", label, p.label_params())
+    labelled = stages.run("label", label, p.label_params()) if p.label.enabled else None
     log = log_files(Workspace.at(p.workspace), p.learn.queries_file)
     if log:
         stages.run("learn", learn, p.learn_params(), reads=fingerprint_files(log))
@@ -81,6 +83,7 @@ def pipeline(params: PipelineParams | None = None) -> State:
         workspace=p.workspace,
         chunks=chunked.chunks,
         questions_kept=asked.kept,
+        questions_grounded=labelled.grounded if labelled else None,
         model_path=tuned.model_path,
         report_dir=judged.report_dir,
         published=published is not None,
@@ -108,9 +111,14 @@ def _summary(result: PipelineResult) -> str:
         else f"**Not published.** {result.gate_reason}"
     )
     rows = [{"stage": stage, "seconds": secs} for stage, secs in result.seconds.items()]
+    grounded = (
+        f"- grounded (the judge ranks their own chunk high enough): {result.questions_grounded}\n"
+        if result.questions_grounded is not None
+        else ""
+    )
     return (
         f"# ragtune pipeline\n\n{verdict}\n\n"
-        f"- chunks: {result.chunks}\n- questions kept: {result.questions_kept}\n"
+        f"- chunks: {result.chunks}\n- questions kept: {result.questions_kept}\n{grounded}"
         f"- model: `{result.model_path}`\n- report: `{result.report_dir}`\n\n"
         f"## Wall time per stage\n\n{markdown_table(rows)}"
     )

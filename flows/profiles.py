@@ -12,6 +12,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "base_model": MINILM,
         "questions": {"generator": {"backend": "local"}, "questions_per_chunk": 3},
+        # The label stage's candidates all come from one small corpus, so each chunk recurs in
+        # many questions' lists: kept passage states make a recurring chunk cost only the
+        # question's tokens.
+        "learn": {"judge": {"backend": "local", "cache_size": 256}},
         "finetune": {
             "recipe": "matryoshka-mnrl",
             "epochs": 3,

@@ -64,10 +64,19 @@ def test_pipeline_leaves_every_stage_output(pipeline_run):
     kept = [q for q in questions if q["kept"]]
     assert kept and {q["split"] for q in kept} == {"train", "test"}
     assert {q["chunk_id"] for q in questions} <= {c["id"] for c in chunks}
+    assert all(q["judge_rank"] == 1 for q in kept), "the label stage kept grounded ones only"
+    assert result.questions_grounded == len(kept)
 
     card = (ws.model_dir(result.model_path.split("/")[-1]) / "README.md").read_text()
     assert "MatryoshkaLoss" in card
-    assert set(result.seconds) == {"ingest", "questions", "finetune", "evaluate", "publish"}
+    assert set(result.seconds) == {
+        "ingest",
+        "questions",
+        "label",
+        "finetune",
+        "evaluate",
+        "publish",
+    }
 
 
 def test_pipeline_metrics_are_finite_at_every_dimension(pipeline_run):
@@ -137,7 +146,7 @@ def test_second_run_on_unchanged_corpus_reuses_every_stage(pipeline_run, small_c
     first, workspace = pipeline_run
     elsewhere = tiny_params(workspace, [small_corpus], task_runner="dask")
     again = pipeline(elsewhere)
-    assert again.reused == ["ingest", "questions", "finetune", "evaluate"]
+    assert again.reused == ["ingest", "questions", "label", "finetune", "evaluate"]
     assert again.model_path == first.model_path
     assert again.collection == first.collection
 
@@ -148,7 +157,7 @@ def test_asking_for_reranking_reruns_only_the_evaluation(pipeline_run, small_cor
     first, workspace = pipeline_run
     judged = pipeline(tiny_params(workspace, [small_corpus], evaluate={"rerank": 3}))
 
-    assert judged.reused == ["ingest", "questions", "finetune"]
+    assert judged.reused == ["ingest", "questions", "label", "finetune"]
     assert judged.model_path == first.model_path
     report = json.loads((Path(judged.report_dir) / "metrics.json").read_text())
     reranked = next(m for m in report["models"] if m["name"] == "tuned+rerank")
@@ -173,8 +182,8 @@ def test_searches_are_learned_from_by_the_next_run_and_judged_once(pipeline_run,
     learned = pipeline(params)
     again = pipeline(params)
 
-    assert learned.reused == ["ingest", "questions"], "a new log re-runs learn and what follows"
-    assert again.reused == ["ingest", "questions", "learn", "finetune", "evaluate"]
+    assert learned.reused == ["ingest", "questions", "label"], "a new log re-runs learn on"
+    assert again.reused == ["ingest", "questions", "label", "learn", "finetune", "evaluate"]
     tuned = json.loads((Path(learned.model_path) / "ragtune.json").read_text())
     held = json.loads((workspace / "learned" / "held_out.json").read_text())["queries"]
     assert tuned["train_pairs"] == first_pairs(first) + 4 - len(held)
@@ -205,7 +214,7 @@ def test_refresh_with_a_new_document_asks_only_about_its_chunks(
 
     # Refresh takes only the settings it uses: no training or evaluation sections.
     settings = tiny_params(workspace, [small_corpus, extra]).model_dump(
-        exclude={"learn", "finetune", "evaluate", "publish_if_gated"}
+        exclude={"label", "learn", "finetune", "evaluate", "publish_if_gated"}
     )
     refreshed = refresh(RefreshParams(**settings))
     after = load_rows(Workspace.at(workspace).chunks_dir)
