@@ -103,6 +103,7 @@ def label(args: argparse.Namespace, split: Any, rows: list[dict[str, Any]]) -> A
         seen[row["chunk_id"]] = seen.get(row["chunk_id"], 0) + 1
         if seen[row["chunk_id"]] <= args.label_n:
             chosen.append({**row, "split": "train"})
+    chosen = chosen[: args.label_max or None]
     model = load_model(MINILM)
     ids = sorted(split.corpus)
     texts = distinct(split.corpus[cid] for cid in ids)
@@ -126,7 +127,9 @@ def label(args: argparse.Namespace, split: Any, rows: list[dict[str, Any]]) -> A
     )
     seconds = time.perf_counter() - started
     print(f"judged {run.new} new claims in {seconds:.0f} s ({len(run.judged)} judged in all)")
-    timing = OUT / f"label-{args.examples}-{args.sample}-{args.label_n}-{args.top}.json"
+    timing = (
+        OUT / f"label-{args.examples}-{args.sample}-{args.label_n}-{args.top}-{args.label_max}.json"
+    )
     if run.new or not timing.exists():
         per = run.judge_s / run.new if run.new else None
         timing.write_text(json.dumps({"new": run.new, "seconds": seconds, "s_per_claim": per}))
@@ -197,7 +200,10 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
         (OUT / f"generation-{args.examples}-{args.sample}-{args.n}.json").read_text()
     )
     labelling = json.loads(
-        (OUT / f"label-{args.examples}-{args.sample}-{args.label_n}-{args.top}.json").read_text()
+        (
+            OUT
+            / f"label-{args.examples}-{args.sample}-{args.label_n}-{args.top}-{args.label_max}.json"
+        ).read_text()
     )
     record = {
         "command": command(),
@@ -205,6 +211,7 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
         "examples": args.examples,
         "sample": args.sample,
         "claims_per_abstract": args.label_n,
+        "claims_judged_at_most": args.label_max or None,
         "top": args.top,
         "ground": args.ground,
         "form": args.form,
@@ -240,6 +247,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2, help="Claims written per abstract.")
     parser.add_argument("--examples", type=int, default=8, help="Dev claims shown (0 or 8).")
     parser.add_argument("--label-n", type=int, default=1, help="Claims judged per abstract.")
+    parser.add_argument("--label-max", type=int, default=0, help="Judge at most N (0: all).")
     parser.add_argument("--top", type=int, default=10, help="Base candidates judged per claim.")
     parser.add_argument("--ground", type=int, default=1, help="Own abstract in the judge's top r.")
     parser.add_argument("--form", default="distill", help="Label form of the training rows.")

@@ -297,6 +297,7 @@ def build_cli() -> click.Group:
         EvaluateParams,
         FinetuneParams,
         IngestParams,
+        LabelParams,
         LearnParams,
         PipelineParams,
         PublishParams,
@@ -327,6 +328,7 @@ def build_cli() -> click.Group:
     stages = {
         "ingest": (IngestParams, ("sources",)),
         "questions": (QuestionParams, ()),
+        "label": (LabelParams, ()),
         "learn": (LearnParams, ()),
         "finetune": (FinetuneParams, ()),
         "evaluate": (EvaluateParams, ()),
