@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from tasks.learn.judgements import Judgements
 from tasks.learn.judges import Judge
 from tasks.learn.rows import JudgedQuery, JudgeRun, Retrieval, RunGroups, judge_queries
@@ -115,10 +113,3 @@ def to_label(question: Mapping[str, Any]) -> bool:
 def labelled(questions: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The questions the judge is to label (`to_label`), in order."""
     return [q for q in questions if to_label(q)]
-
-
-def own_rank_share(judged: Sequence[JudgedQuery], top_r: int) -> float:
-    """Share of judged questions that are grounded at `top_r`."""
-    if not judged:
-        return 0.0
-    return float(np.mean([grounded(q, top_r) for q in judged]))
