@@ -24,6 +24,7 @@ the writer as examples; those claims leave the evaluated set (`tasks.questions.f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -95,7 +96,6 @@ def label(args: argparse.Namespace, split: Any, rows: list[dict[str, Any]]) -> A
     from tasks.learn.rows import Retrieval
     from tasks.learn.synthetic import label_questions
     from tasks.models import MINILM, load_model
-    from tasks.retrieval.evaluation import distinct
 
     seen: dict[str, int] = {}
     chosen = []
@@ -106,7 +106,7 @@ def label(args: argparse.Namespace, split: Any, rows: list[dict[str, Any]]) -> A
     chosen = chosen[: args.label_max or None]
     model = load_model(MINILM)
     ids = sorted(split.corpus)
-    texts = distinct(split.corpus[cid] for cid in ids)
+    texts = corpus_texts(split)
     column = {text: i for i, text in enumerate(texts)}
     retrieval = Retrieval(
         ids=ids,
@@ -136,13 +136,21 @@ def label(args: argparse.Namespace, split: Any, rows: list[dict[str, Any]]) -> A
     return run
 
 
+def corpus_texts(split: Any) -> list[str]:
+    """The corpus's distinct abstracts in one order, so labelling and evaluating share the
+    base model's stored vectors."""
+    from tasks.retrieval.evaluation import distinct
+
+    return distinct(split.corpus[cid] for cid in sorted(split.corpus))
+
+
 def evaluate(model_ref: str, split: Any, eval_ids: list[str]) -> dict[str, float]:
     """NDCG@10 at full width of each evaluated claim against the human judgements."""
     from tasks.models import MINILM, load_model
     from tasks.retrieval.evaluation import distinct, evaluate_embeddings
 
     model = load_model(model_ref)
-    texts = distinct(split.corpus.values())
+    texts = corpus_texts(split)
     unit = {"batch_size": 64, "normalize_embeddings": True, "show_progress_bar": False}
     documents = (
         stored_vectors(model, MINILM, texts)
@@ -167,7 +175,7 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
     base and tuned scored on every evaluated claim; appends the record to runs.jsonl."""
     import tempfile
 
-    from tasks.learn.rows import training_rows
+    from tasks.learn.rows import save_training_rows, training_rows
     from tasks.learn.settings import FORM_RECIPES
     from tasks.learn.synthetic import grounded
     from tasks.models import MINILM
@@ -177,6 +185,10 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
 
     kept = [q for q in run.judged if not args.ground or grounded(q, args.ground)]
     rows = training_rows(kept, split.corpus, args.form)
+    if args.save_rows:
+        save_training_rows(args.save_rows, rows, args.form)
+        (args.save_rows / "examples.json").write_text(json.dumps(split.examples))
+        print(f"{len(rows)} {args.form} rows saved in {args.save_rows}")
     eval_ids = sorted(split.queries)
     base = evaluate(MINILM, split, eval_ids)
     with tempfile.TemporaryDirectory(dir=OUT) as folder:
@@ -190,8 +202,11 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
             seed=args.seed,
             resume=False,
         )
-        trained = train(MINILM, rows_to_dataset(rows), Path(folder), settings)
+        steps = train(MINILM, rows_to_dataset(rows), Path(folder), settings).steps
         train_s = time.perf_counter() - started
+        # The trainer's activations and optimizer state are garbage by now; without a collect
+        # they stay resident while the tuned model encodes the corpus.
+        gc.collect()
         tuned = evaluate(folder, split, eval_ids)
     b = [base[q] for q in eval_ids]
     t = [tuned[q] for q in eval_ids]
@@ -220,7 +235,7 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
         "batch_size": args.batch_size,
         "judged": len(run.judged),
         "rows": len(rows),
-        "steps": trained.steps,
+        "steps": steps,
         "generation": generation,
         "labelling": labelling,
         "train_s": round(train_s, 1),
@@ -256,6 +271,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--save-rows",
+        type=Path,
+        help="Also save the variant's rows (and the example claims) here, for bench/learn.py.",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     from tasks.questions.fewshot import labelled_split

@@ -13,6 +13,11 @@ popular documents is not mistaken for general improvement. CPU heavy: the judge 
 abstracts per claim, and every tuned model re-encodes the 5,183 abstracts.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/learn.py --top 10 --forms positives,distill
+
+With `--synthetic DIR` (rows that `bench/coldstart.py train --save-rows DIR` wrote: the cold
+start's judge-labelled claims), every form trains on the log's rows and those rows together,
+each source through its own loss, and the claims shown to the cold start's writer as examples
+leave the evaluation half.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ import numpy as np
 from tasks.learn.judgements import Judgements
 from tasks.learn.judges import LocalJudge
 from tasks.learn.querylog import is_held_out
-from tasks.learn.rows import JudgedQuery, choose_nudge_step, judge_queries, nudge, training_rows
+from tasks.learn.rows import (
+    JudgedQuery,
+    choose_nudge_step,
+    judge_queries,
+    load_training_rows,
+    nudge,
+    training_rows,
+)
+from tasks.learn.settings import FORM_RECIPES
 from tasks.models import MINILM, load_model
 from tasks.retrieval.beir import load_beir
 from tasks.retrieval.evaluation import (
@@ -43,7 +56,7 @@ from tasks.retrieval.evaluation import (
     ranking_metrics,
 )
 from tasks.retrieval.rerank import reorder_head
-from tasks.training.trainer import TrainSettings, train
+from tasks.training.trainer import Source, TrainSettings, train
 from tasks.workspace import rows_to_dataset
 
 OUT = ROOT / "bench" / "out" / "learn"
@@ -155,13 +168,22 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--rerank", type=int, default=10, help="Also re-rank the top N (0: no).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--synthetic", type=Path, help="Cold-start rows to train with the log's (see above)."
+    )
     args = parser.parse_args()
     args.beir = beir_folder(args.beir)
     OUT.mkdir(parents=True, exist_ok=True)
 
     corpus, claims, relevant = load_beir(args.beir, "dev")
+    synthetic, synthetic_form, shown = [], None, set()
+    if args.synthetic:
+        synthetic, synthetic_form = load_training_rows(args.synthetic)
+        shown = set(json.loads((args.synthetic / "examples.json").read_text()))
     log_ids = [q for q in claims if not is_held_out(claims[q], 0.5, args.seed)]
-    eval_ids = [q for q in claims if is_held_out(claims[q], 0.5, args.seed)]
+    eval_ids = [
+        q for q in claims if is_held_out(claims[q], 0.5, args.seed) and claims[q] not in shown
+    ]
     eval_queries = {q: claims[q] for q in eval_ids}
     print(f"{len(log_ids)} log claims, {len(eval_ids)} evaluation claims, {len(corpus)} abstracts")
 
@@ -282,11 +304,18 @@ def main() -> None:
                 seed=args.seed,
                 resume=False,
             )
-            trained = train(MINILM, rows_to_dataset(rows), Path(folder), settings)
+            sources = {"log": Source(rows_to_dataset(rows), RECIPE[form])}
+            if synthetic:
+                sources["synthetic"] = Source(
+                    rows_to_dataset(synthetic), FORM_RECIPES[synthetic_form]
+                )
+            trained = train(MINILM, sources, Path(folder), settings)
             variant = {
                 "form": form,
                 "recipe": RECIPE[form],
                 "rows": len(rows),
+                "synthetic_rows": len(synthetic),
+                "synthetic_form": synthetic_form,
                 "lr": args.lr,
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,

@@ -76,7 +76,7 @@ def finetune(params: FinetuneParams = FinetuneParams()) -> FinetuneResult:  # no
     )
     queries, relevant = held_out_queries(questions, chunks)
     print(
-        f"training {params.base_model} with {spec.name} on "
+        f"training {params.base_model} on "
         f"{sum(len(s.rows) for s in sources.values())} rows from {described}; "
         f"evaluating on {len(queries)} held-out questions against {len(chunks)} chunks"
     )
@@ -145,7 +145,7 @@ def _training_set(
     described = []
     if params.train_file:
         sources["yours"] = Source(load_pairs(params.train_file), params.recipe)
-        described.append(params.train_file)
+        described.append(f"{params.train_file} ({params.recipe})")
     judged = ws.judged_questions_dir
     if questions and params.synthetic_weight > 0:
         if judged.exists():
@@ -156,12 +156,17 @@ def _training_set(
             data, form = pairs_from_questions(questions, chunks, "train"), "positives"
             what = f"{ws.questions_dir} (train split)"
         sources["synthetic"] = Source(data, _recipe(form, params), params.synthetic_weight)
-        described.append(f"{what}, weight {params.synthetic_weight:g}")
+        described.append(
+            f"{what}, {sources['synthetic'].recipe}, weight {params.synthetic_weight:g}"
+        )
     logged = ws.learned_dir / "train"
     if logged.exists() and params.log_weight > 0:
         rows, form = load_training_rows(logged)
         sources["log"] = Source(rows_to_dataset(rows), _recipe(form, params), params.log_weight)
-        described.append(f"{logged} (judged query log, {form}, weight {params.log_weight:g})")
+        described.append(
+            f"{logged} (judged query log, {form}), {sources['log'].recipe}, "
+            f"weight {params.log_weight:g}"
+        )
     if not sources:
         raise ValueError(
             f"nothing to train on in {ws.root}: no questions, no judged log and no train_file"

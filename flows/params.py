@@ -231,11 +231,14 @@ class LabelSettings(Params):
         description="A question is grounded, and kept, when the judge ranks the chunk it was "
         "written from this high among its candidates.",
     )
+    # Pairs by default: on SciFact's human claims neither the judge's scores nor its margins
+    # trained a better retriever than zero-shot (BENCHMARKS.md, cold start), and their rows
+    # cost six times a pair's compute.
     train_form: Literal["distill", "margin", "pairs"] = Field(
-        "distill",
-        description="What grounded training questions teach: distill, the teacher's scores "
-        "over their candidates; margin, its margins of the own chunk over the others "
-        "(MarginMSE, GPL); pairs, (question, own chunk) for the finetune recipe.",
+        "pairs",
+        description="What grounded training questions teach: pairs, (question, own chunk) for "
+        "the finetune recipe; distill, the teacher's scores over their candidates; margin, its "
+        "margins of the own chunk over the others (MarginMSE, GPL).",
     )
 
 

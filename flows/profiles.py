@@ -16,6 +16,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # many questions' lists: kept passage states make a recurring chunk cost only the
         # question's tokens.
         "learn": {"judge": {"backend": "local", "cache_size": 256}},
+        # Minutes on 2 cores: 5 candidates and the own chunk halve the judge's work.
+        "label": {"top_k": 5},
         "finetune": {
             "recipe": "matryoshka-mnrl",
             "epochs": 3,

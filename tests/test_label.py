@@ -56,7 +56,7 @@ def test_labelling_judges_each_question_once_and_rejects_the_ungrounded_with_its
     prefect_api, tmp_path
 ):
     ws = labelled_workspace(tmp_path / "ws")
-    params = LabelParams(workspace=str(ws.root), top_k=2, ground_top_r=1)
+    params = LabelParams(workspace=str(ws.root), top_k=2, ground_top_r=1, train_form="distill")
 
     first = label(params)
     pairs = len(Judgements(ws.judgement_cache))

@@ -24,6 +24,7 @@ from tasks.training.trainer import (
     Source,
     TrainingDiverged,
     TrainSettings,
+    batch_sampler_for,
     mine_negatives,
     train,
 )
@@ -430,10 +431,38 @@ def test_synthetic_distill_rows_and_logged_pairs_train_together_in_one_run(tmp_p
 
     result = train(MINILM, sources, tmp_path / "m", TrainSettings(batch_size=2, epochs=1))
 
-    assert result.train_pairs == 5 and result.steps == 3, "one batch of 2 and two of the log"
+    # A distill row of 4 texts fills a batch as two pairs do: two batches of one row, and two
+    # batches of the log's pairs.
+    assert result.train_pairs == 5 and result.steps == 4
     made = json.loads((tmp_path / "m" / "ragtune.json").read_text())["sources"]
     assert made == {
         "synthetic": {"recipe": "matryoshka-distill", "weight": 1.0, "rows": 2},
         "log": {"recipe": "matryoshka-mnrl", "weight": 0.5, "rows": 3},
     }
     assert load_model(str(tmp_path / "m")).encode(["Lima"]).shape == (1, 384)
+
+
+def test_a_batch_of_labelled_rows_holds_as_many_texts_as_a_batch_of_pairs():
+    import torch
+
+    texts = [f"passage {i}" for i in range(5)]
+    distill = Dataset.from_list(
+        [
+            {
+                "anchor": f"query {i}",
+                **{f"p{j}": t for j, t in enumerate(texts)},
+                "label": [0.0] * 5,
+            }
+            for i in range(12)
+        ]
+    )
+    pairs = Dataset.from_list(
+        [{"anchor": f"query {i}", "positive": texts[i % 5]} for i in range(5)]
+    )
+    options = {"batch_size": 6, "drop_last": False, "generator": torch.Generator().manual_seed(0)}
+
+    labelled = [len(batch) for batch in batch_sampler_for(distill, **dict(options))]
+    paired = [len(batch) for batch in batch_sampler_for(pairs, **dict(options))]
+
+    assert labelled == [2] * 6, "6 pairs are 12 texts: two rows of a query and 5 passages"
+    assert paired == [5], "pairs keep the batch size (5 distinct passages fill one batch)"
