@@ -19,6 +19,9 @@ the writer as examples; those claims leave the evaluated set (`tasks.questions.f
     HF_HUB_OFFLINE=1 .venv/bin/python bench/coldstart.py generate --sample 1500
     HF_HUB_OFFLINE=1 .venv/bin/python bench/coldstart.py label --sample 1500
     HF_HUB_OFFLINE=1 .venv/bin/python bench/coldstart.py train --sample 1500 --ground 1
+
+`rows --save-rows DIR` writes a variant's rows without training, for `bench/learn.py
+--synthetic DIR` (cold start + log).
 """
 
 from __future__ import annotations
@@ -170,18 +173,11 @@ def evaluate(model_ref: str, split: Any, eval_ids: list[str]) -> dict[str, float
     return result.ndcg_per_query[DIM]
 
 
-def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
-    """Rows from the judged claims by the variant's rule and form, MiniLM tuned on them,
-    base and tuned scored on every evaluated claim; appends the record to runs.jsonl."""
-    import tempfile
-
+def variant_rows(args: argparse.Namespace, split: Any, run: Any) -> list[dict[str, Any]]:
+    """The training rows of the judged claims the variant's grounding rule keeps, in its label
+    form; saved with the example claims where `--save-rows` asks (for bench/learn.py)."""
     from tasks.learn.rows import save_training_rows, training_rows
-    from tasks.learn.settings import FORM_RECIPES
     from tasks.learn.synthetic import grounded
-    from tasks.models import MINILM
-    from tasks.retrieval.evaluation import paired_bootstrap
-    from tasks.training.trainer import TrainSettings, train
-    from tasks.workspace import rows_to_dataset
 
     kept = [q for q in run.judged if not args.ground or grounded(q, args.ground)]
     rows = training_rows(kept, split.corpus, args.form)
@@ -189,6 +185,21 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
         save_training_rows(args.save_rows, rows, args.form)
         (args.save_rows / "examples.json").write_text(json.dumps(split.examples))
         print(f"{len(rows)} {args.form} rows saved in {args.save_rows}")
+    return rows
+
+
+def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
+    """Rows from the judged claims by the variant's rule and form, MiniLM tuned on them,
+    base and tuned scored on every evaluated claim; appends the record to runs.jsonl."""
+    import tempfile
+
+    from tasks.learn.settings import FORM_RECIPES
+    from tasks.models import MINILM
+    from tasks.retrieval.evaluation import paired_bootstrap
+    from tasks.training.trainer import TrainSettings, train
+    from tasks.workspace import rows_to_dataset
+
+    rows = variant_rows(args, split, run)
     eval_ids = sorted(split.queries)
     base = evaluate(MINILM, split, eval_ids)
     with tempfile.TemporaryDirectory(dir=OUT) as folder:
@@ -256,7 +267,7 @@ def train_variant(args: argparse.Namespace, split: Any, run: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=["generate", "label", "train"])
+    parser.add_argument("phase", choices=["generate", "label", "rows", "train"])
     parser.add_argument("--beir", type=Path, help="BEIR folder (default: $RAGTUNE_BEIR).")
     parser.add_argument("--sample", type=int, default=1500, help="Abstracts written for.")
     parser.add_argument("--n", type=int, default=2, help="Claims written per abstract.")
@@ -286,6 +297,8 @@ def main() -> None:
     if args.phase == "generate":
         return
     run = label(args, split, rows)
+    if args.phase == "rows":
+        variant_rows(args, split, run)
     if args.phase == "train":
         train_variant(args, split, run)
 

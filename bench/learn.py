@@ -171,6 +171,12 @@ def main() -> None:
     parser.add_argument(
         "--synthetic", type=Path, help="Cold-start rows to train with the log's (see above)."
     )
+    parser.add_argument(
+        "--synthetic-weight",
+        type=float,
+        default=1.0,
+        help="Their loss's factor; 0 trains on the log alone, on the same evaluation claims.",
+    )
     args = parser.parse_args()
     args.beir = beir_folder(args.beir)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -305,16 +311,19 @@ def main() -> None:
                 resume=False,
             )
             sources = {"log": Source(rows_to_dataset(rows), RECIPE[form])}
-            if synthetic:
+            if synthetic and args.synthetic_weight > 0:
                 sources["synthetic"] = Source(
-                    rows_to_dataset(synthetic), FORM_RECIPES[synthetic_form]
+                    rows_to_dataset(synthetic),
+                    FORM_RECIPES[synthetic_form],
+                    args.synthetic_weight,
                 )
             trained = train(MINILM, sources, Path(folder), settings)
             variant = {
                 "form": form,
                 "recipe": RECIPE[form],
                 "rows": len(rows),
-                "synthetic_rows": len(synthetic),
+                "synthetic_rows": len(synthetic) if args.synthetic_weight > 0 else 0,
+                "synthetic_weight": args.synthetic_weight,
                 "synthetic_form": synthetic_form,
                 "lr": args.lr,
                 "epochs": args.epochs,
