@@ -4,8 +4,9 @@ For each question the questions stage kept, the base model retrieves its top K c
 chunk it was written from joins them, and the judge scores them all (cached with the learn
 stage's judgements: a re-run judges nothing new, an interrupted one resumes). A question whose
 own chunk the judge does not rank in its top `ground_top_r` is rejected as `ungrounded`, with
-its rank, in training and held-out splits alike; the grounded training questions become rows
-in `learned/synthetic` that teach the judge's ordering (`train_form`). With
+its rank, in training and held-out splits alike. The grounded training questions train as
+(question, own chunk) pairs, or, with `train_form` distill or margin, as rows in
+`learned/synthetic` that teach the judge's ordering. With
 `task_runner="dask"` the groups of questions are judged as Prefect tasks on Dask workers.
 """
 
