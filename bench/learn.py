@@ -322,7 +322,7 @@ def main() -> None:
                 "form": form,
                 "recipe": RECIPE[form],
                 "rows": len(rows),
-                "synthetic_rows": len(synthetic) if args.synthetic_weight > 0 else 0,
+                "synthetic_rows": len(sources["synthetic"].rows) if "synthetic" in sources else 0,
                 "synthetic_weight": args.synthetic_weight,
                 "synthetic_form": synthetic_form,
                 "lr": args.lr,
