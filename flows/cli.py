@@ -253,6 +253,30 @@ def print_search(params: Any) -> list[dict[str, Any]]:
     return search_flow.fn(params)
 
 
+def serve_search(params: Any) -> None:
+    """Answer searches over HTTP until interrupted (tasks.serving.service)."""
+    import uvicorn
+
+    from tasks.serving.retriever import Retriever
+    from tasks.serving.service import create_app
+
+    retriever = Retriever.open(
+        params.alias,
+        **params.store_settings(),
+        log_queries=params.log_queries,
+        recheck_seconds=params.recheck_seconds,
+    )
+    token = params.token()
+    app = create_app(retriever, token=token, max_batch=params.max_batch)
+    click.echo(
+        f"searching alias {params.alias!r} at http://{params.host}:{params.port}/search "
+        f"(OpenAPI: /docs); bearer token "
+        + (f"required (from ${params.token_env})" if token else "not required")
+        + f"; query log: {retriever.querylog.path if retriever.querylog else 'off'}"
+    )
+    uvicorn.run(app, host=params.host, port=params.port, log_level="info")
+
+
 def rollback(params: Any) -> None:
     from tasks.store.chroma import rollback as roll_back
 
@@ -303,6 +327,7 @@ def build_cli() -> click.Group:
         PublishParams,
         QuestionParams,
         SearchParams,
+        SearchServiceParams,
         StoreParams,
     )
 
@@ -347,6 +372,14 @@ def build_cli() -> click.Group:
     cli.add_command(
         model_command(
             "search", SearchParams, print_search, "Query the published collection.", ("query",)
+        )
+    )
+    cli.add_command(
+        model_command(
+            "serve-search",
+            SearchServiceParams,
+            serve_search,
+            "Serve searches over HTTP (POST /search, GET /health), logging each query.",
         )
     )
     cli.add_command(

@@ -82,19 +82,14 @@ class StoreParams(WorkspaceParams):
     def open_store(self) -> ClientAPI:
         """A server client when a host is set, else the embedded folder."""
         from tasks.store import chroma
-        from tasks.workspace import Workspace
 
-        token = None
-        if self.chroma_token_env:
-            token = os.environ.get(self.chroma_token_env)
-            if not token:
-                raise chroma.StoreError(
-                    f"chroma_token_env={self.chroma_token_env!r}, "
-                    "but that environment variable is empty"
-                )
-        if self.chroma_host:
-            return chroma.connect(host=self.chroma_host, port=self.chroma_port, token=token)
-        return chroma.connect(self.chroma_path or Workspace.at(self.workspace).chroma_dir)
+        return chroma.open_store(
+            self.workspace,
+            self.chroma_path,
+            self.chroma_host,
+            self.chroma_port,
+            self.chroma_token_env,
+        )
 
 
 class RunnerParams(WorkspaceParams):
@@ -427,7 +422,18 @@ class AliasParams(StoreParams):
     alias: str = Field("docs", description="Stable name of the published collection.")
 
 
-class SearchParams(AliasParams):
+class LoggedSearchParams(AliasParams):
+    """What searches the alias and may log its queries."""
+
+    log_queries: bool | None = Field(
+        None,
+        description="Append the query and the chunk ids it returned to the workspace's "
+        "querylog/ (what `ragtune learn` learns from; never sent to Prefect logs or "
+        "artifacts); blank: on for the embedded store, off for a Chroma server.",
+    )
+
+
+class SearchParams(LoggedSearchParams):
     query: str = Field(..., description="What to search for, in plain words.")
     k: int = Field(5, ge=1, le=100, description="How many chunks to return.")
     rerank: int = Field(
@@ -437,15 +443,27 @@ class SearchParams(AliasParams):
         description="Let the bundled LLM read this many top chunks and reorder them with the "
         "retriever (about 1 s per 10 chunks on 2 CPU cores); 0: off.",
     )
-    log_queries: bool | None = Field(
-        None,
-        description="Append the query and the chunk ids it returned to the workspace's "
-        "querylog/ (what `ragtune learn` learns from; never sent to Prefect logs or "
-        "artifacts); blank: on for the embedded store, off for a Chroma server.",
+
+
+class SearchServiceParams(LoggedSearchParams):
+    """`ragtune serve-search`: the HTTP search service (tasks.serving.service)."""
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0: every one).")
+    port: int = Field(8765, ge=1, le=65535, description="Port to listen on.")
+    token_env: str | None = Field(
+        "RAGTUNE_SEARCH_TOKEN",
+        description="Environment variable holding the bearer token every request must carry; "
+        "unset or empty variable: no token.",
+    )
+    recheck_seconds: float = Field(
+        1.0, ge=0, description="How often to re-read the alias, to follow a publish's swap."
+    )
+    max_batch: int = Field(
+        32, ge=1, le=256, description="Most concurrent queries encoded together."
     )
 
-    def logs_queries(self) -> bool:
-        return self.log_queries if self.log_queries is not None else not self.chroma_host
+    def token(self) -> str | None:
+        return (os.environ.get(self.token_env) or None) if self.token_env else None
 
 
 # --- the whole pipeline ----------------------------------------------------------------------

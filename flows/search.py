@@ -8,19 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import flow
 
 from flows.params import SearchParams
-from tasks.learn.querylog import append_query
-from tasks.retrieval.rerank import reorder_head, rerank
+from tasks.serving.retriever import Retriever
 from tasks.store import chroma
 from tasks.text import shorten
-from tasks.workspace import Workspace
-
-if TYPE_CHECKING:
-    pass
 
 
 def format_hits(hits: Iterable[chroma.Hit | Mapping[str, Any]], width: int = 160) -> str:
@@ -44,21 +39,9 @@ def search(params: SearchParams) -> list[dict[str, Any]]:
     reordered by the LLM judge when `rerank` is set (`score` stays the cosine similarity).
     The query goes to the workspace's query log unless `log_queries` is off, and never into
     this run's logs: only the hits are printed."""
-    client = params.open_store()
-    hits = chroma.search(client, params.alias, params.query, k=max(params.k, params.rerank))
-    if params.rerank:
-        top = hits[: params.rerank]
-        hits = reorder_head(
-            hits, rerank(params.query, [h.text for h in top], [h.score for h in top])
-        )
-    hits = hits[: params.k]
-    if params.logs_queries():
-        append_query(
-            Workspace.at(params.workspace).querylog_dir,
-            params.query,
-            alias=params.alias,
-            collection=chroma.resolve_alias(client, params.alias).name,
-            hits=[(hit.id, hit.score) for hit in hits],
-        )
+    retriever = Retriever.open(
+        params.alias, **params.store_settings(), log_queries=params.log_queries
+    )
+    hits = retriever.search(params.query, params.k, params.rerank)
     print(format_hits(hits))
     return [asdict(hit) for hit in hits]

@@ -68,6 +68,35 @@ def ready_workspace(workspace, minilm):
     return workspace, rows
 
 
+@pytest.fixture
+def published(workspace, minilm):
+    """A workspace whose embedded store has real NIST chunks published under `docs` by the
+    bundled MiniLM at full width: (workspace, chunk rows, the publish's result)."""
+    from tasks.models import MINILM
+    from tasks.store import chroma
+
+    rows = nist_rows(range(5, 9), "nist")
+    client = chroma.connect(workspace.chroma_dir)
+    return workspace, rows, chroma.publish(client, rows, minilm, model_ref=MINILM, dim=384)
+
+
+def publish_tuned(workspace, rows, minilm, dim: int = 128):
+    """Publish `rows` again with another model folder (a query prompt, a smaller dimension):
+    the swap a retrain's publish makes. Returns the publish's result."""
+    from tasks.models import load_model
+    from tasks.store import chroma
+
+    folder = save_with_prompts(minilm, workspace.model_dir("tuned"), {"query": "query: "})
+    return chroma.publish(
+        chroma.connect(workspace.chroma_dir),
+        rows,
+        load_model(str(folder)),
+        model_ref=str(folder),
+        dim=dim,
+        query_prompt="query: ",
+    )
+
+
 def save_with_prompts(model, folder: Path, prompts: dict[str, str]) -> Path:
     """Save `model` to `folder` with these prompts in its config, as the finetune flow does."""
     model.save(str(folder))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,27 +24,39 @@ from tasks.text import folded
 LOG_NAME = "queries.jsonl"
 
 
-def append_query(
-    folder: Path,
-    query: str,
-    *,
-    alias: str,
-    collection: str,
-    hits: Sequence[tuple[str, float]],
-) -> Path:
-    """Add one search to the log in `folder`: the query, when, where, and what it returned."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOG_NAME
-    record = {
-        "query": query,
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "alias": alias,
-        "collection": collection,
-        "hits": [{"id": chunk_id, "score": round(float(score), 6)} for chunk_id, score in hits],
-    }
-    # Queries are the users' words: the log is readable by its owner only.
-    append_jsonl(path, [record], mode=0o600)
-    return path
+@dataclass(frozen=True)
+class LoggedSearch:
+    """One search as the log keeps it: the query, where it was asked, what it returned."""
+
+    query: str
+    alias: str
+    collection: str
+    hits: Sequence[tuple[str, float]]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "alias": self.alias,
+            "collection": self.collection,
+            "hits": [{"id": i, "score": round(float(score), 6)} for i, score in self.hits],
+        }
+
+
+class QueryLog:
+    """The query log in `folder`, written by one appender: a lock orders the writes of this
+    process's threads (a search service answers many requests at once) and each batch of
+    searches is one append-mode `write`, so other processes' lines never interleave with them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOG_NAME
+        self._lock = threading.Lock()
+
+    def append(self, searches: Iterable[LoggedSearch]) -> None:
+        records = [search.record() for search in searches]
+        with self._lock:
+            # Queries are the users' words: the log is readable by its owner only.
+            append_jsonl(self.path, records, mode=0o600)
 
 
 def read_queries(path: str | os.PathLike[str], field: str = "query") -> list[str]:

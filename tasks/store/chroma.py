@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,30 @@ def connect(
     path = Path(path).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(str(path), settings=Settings(anonymized_telemetry=False))
+
+
+def open_store(
+    workspace: str | Path = "workspace",
+    chroma_path: str | Path | None = None,
+    chroma_host: str | None = None,
+    chroma_port: int = 8000,
+    chroma_token_env: str | None = None,
+) -> ClientAPI:
+    """The store the flows' store settings name: a `chroma run` server when a host is set
+    (its token read from the environment variable `chroma_token_env`), else the embedded
+    folder `chroma_path`, by default the workspace's chroma/."""
+    from tasks.workspace import Workspace
+
+    token = None
+    if chroma_token_env:
+        token = os.environ.get(chroma_token_env)
+        if not token:
+            raise StoreError(
+                f"chroma_token_env={chroma_token_env!r}, but that environment variable is empty"
+            )
+    if chroma_host:
+        return connect(host=chroma_host, port=chroma_port, token=token)
+    return connect(chroma_path or Workspace.at(workspace).chroma_dir)
 
 
 def where(client: ClientAPI) -> str:
@@ -644,31 +669,42 @@ def remove_unaliased(client: ClientAPI, on_wait: OnWait | None = None) -> list[s
 
 
 def search(client: ClientAPI, alias: str, query: str, k: int = 5) -> list[Hit]:
-    """Top-k chunks for `query`, embedded with the live collection's model, prompt and dim."""
+    """Top-k chunks for `query`, embedded with the live collection's model, prompt and dim.
+    A one-off: an app that searches again should hold a `tasks.serving.retriever.Retriever`,
+    which resolves the alias and loads the model once."""
     if not query.strip():
         raise StoreError("the query is empty")
     collection = resolve_alias(client, alias)
     meta = collection.metadata or {}
     model = cached_model(str(meta["model"]))
     vector = embed(model, [query], str(meta.get("query_prompt", "")), int(meta["dim"]))
+    return query_hits(collection, vector, k)[0]
+
+
+def query_hits(collection: Collection, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    """The top-k records of `collection` for each row of `vectors`, in one Chroma query."""
     got = collection.query(
-        query_embeddings=vector,
+        query_embeddings=vectors,
         n_results=max(1, int(k)),
         include=["documents", "metadatas", "distances"],
     )
-    hits = []
-    for id_, doc, row, distance in zip(
-        got["ids"][0], got["documents"][0], got["metadatas"][0], got["distances"][0], strict=True
-    ):
-        row = row or {}
-        hits.append(
-            Hit(
-                id=id_,
-                score=1.0 - float(distance),
-                source=str(row.get("source", "")),
-                page_start=int(row.get("page_start") or 0),
-                page_end=int(row.get("page_end") or 0),
-                text=doc or "",
-            )
+    return [
+        [
+            _hit(id_, doc, row or {}, distance)
+            for id_, doc, row, distance in zip(ids, docs, rows, distances, strict=True)
+        ]
+        for ids, docs, rows, distances in zip(
+            got["ids"], got["documents"], got["metadatas"], got["distances"], strict=True
         )
-    return hits
+    ]
+
+
+def _hit(id_: str, doc: str | None, row: Mapping[str, Any], distance: float) -> Hit:
+    return Hit(
+        id=id_,
+        score=1.0 - float(distance),
+        source=str(row.get("source", "")),
+        page_start=int(row.get("page_start") or 0),
+        page_end=int(row.get("page_end") or 0),
+        text=doc or "",
+    )

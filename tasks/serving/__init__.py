@@ -1,0 +1,1 @@
+"""Serving the published collection to apps: the retriever they hold and the HTTP service."""
