@@ -180,3 +180,17 @@ def test_fifty_concurrent_searches_leave_fifty_whole_log_lines_in_fewer_batches(
         logged = next(r for r in records if r["query"] == query)
         assert [h["id"] for h in logged["hits"]] == [h["id"] for h in answer.json()["hits"]]
     assert health["searches"] == 50 and health["batches"] < 50, "concurrent queries batch"
+
+
+def test_a_reranked_search_returns_what_the_retriever_returns(published):
+    ws, rows, _ = published
+    query = rows[5]["text"][:160]
+    with serving(create_app(retriever_on(ws))) as url:
+        judged = httpx.post(
+            f"{url}/search", json={"query": query, "k": 2, "rerank": 4}, timeout=300
+        )
+
+    expected = retriever_on(ws, log_queries=False).search(query, k=2, rerank=4)
+    assert judged.status_code == 200, judged.text
+    assert [h["id"] for h in judged.json()["hits"]] == [h.id for h in expected]
+    assert judged.json()["hits"][0]["id"] == rows[5]["id"]
