@@ -30,6 +30,10 @@ from tasks.store.chroma import AliasNotFound, Hit, StoreError
 #: The token a request carries, if any: checked by the app, so a wrong one is a 401 too.
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
+#: How long a batch waits for more queries when the last one held several: a client's turn
+#: between an answer and its next query, far below the cost of a second batch.
+GATHER_SECONDS = 0.004
+
 #: Most queries one encode takes: beyond this a batch costs more latency than it saves.
 DEFAULT_MAX_BATCH = 32
 
@@ -89,11 +93,20 @@ class Health(BaseModel):
 
 class QueryBatcher:
     """Searches answered in batches: each waits in a queue, and one worker takes all that are
-    waiting (up to `max_batch`) whenever it is free, so batches form from the load itself."""
+    waiting (up to `max_batch`) whenever it is free, so batches form from the load itself. A
+    lone query is taken at once; after a batch of several, the worker waits `gather_seconds`
+    for the answered clients' next queries, so that concurrent clients share one batch rather
+    than splitting into groups that take turns."""
 
-    def __init__(self, retriever: Retriever, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self,
+        retriever: Retriever,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        gather_seconds: float = GATHER_SECONDS,
+    ) -> None:
         self.retriever = retriever
         self.max_batch = max_batch
+        self.gather_seconds = gather_seconds
         self.searches = 0
         self.batches = 0
         self._queue: asyncio.Queue[tuple[str, int, asyncio.Future[Any]]] | None = None
@@ -108,10 +121,16 @@ class QueryBatcher:
         return await done
 
     async def _work(self, queue: asyncio.Queue[tuple[str, int, asyncio.Future[Any]]]) -> None:
+        last = 1
         while True:
             batch = [await queue.get()]
+            if last > 1 and queue.qsize() + 1 < self.max_batch:
+                # Under load, the clients the last batch answered are about to ask again: a
+                # moment's wait lets them join this batch instead of forming the next one.
+                await asyncio.sleep(self.gather_seconds)
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
+            last = len(batch)
             queries, ks = [q for q, _, _ in batch], [k for _, k, _ in batch]
             self.searches += len(batch)
             self.batches += 1
