@@ -30,9 +30,9 @@ from tasks.store.chroma import AliasNotFound, Hit, StoreError
 #: The token a request carries, if any: checked by the app, so a wrong one is a 401 too.
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
-#: How long a batch waits for more queries when the last one held several: a client's turn
-#: between an answer and its next query, far below the cost of a second batch.
-GATHER_SECONDS = 0.004
+#: The longest a batch waits for the searches it expects: a client's turn between an answer and
+#: its next query takes a few milliseconds, a second batch several times more.
+GATHER_SECONDS = 0.02
 
 #: Most queries one encode takes: beyond this a batch costs more latency than it saves.
 DEFAULT_MAX_BATCH = 32
@@ -93,10 +93,14 @@ class Health(BaseModel):
 
 class QueryBatcher:
     """Searches answered in batches: each waits in a queue, and one worker takes all that are
-    waiting (up to `max_batch`) whenever it is free, so batches form from the load itself. A
-    lone query is taken at once; after a batch of several, the worker waits `gather_seconds`
-    for the answered clients' next queries, so that concurrent clients share one batch rather
-    than splitting into groups that take turns."""
+    waiting (up to `max_batch`) whenever it is free, so batches form from the load itself.
+
+    Closed-loop clients would otherwise split into groups that take turns (while one group's
+    batch is encoded, the rest queue up and become the next batch). So the worker remembers how
+    many searches were open at once during the last batch, and waits up to `gather_seconds` for
+    that many before it encodes: the clients it just answered ask again within milliseconds. A
+    lone client is never kept waiting, since only its own search was open.
+    """
 
     def __init__(
         self,
@@ -111,26 +115,45 @@ class QueryBatcher:
         self.batches = 0
         self._queue: asyncio.Queue[tuple[str, int, asyncio.Future[Any]]] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+        self._open = 0
+        self._peak = 0
 
     async def retrieve(self, query: str, k: int) -> tuple[LiveVersion, list[Hit]]:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work(self._queue))
         done = asyncio.get_running_loop().create_future()
+        self._open += 1
+        self._peak = max(self._peak, self._open)
         await self._queue.put((query, k, done))
-        return await done
+        self._arrived.set()
+        try:
+            return await done
+        finally:
+            self._open -= 1
+
+    async def _gather(self, queue: asyncio.Queue[Any]) -> None:
+        """Wait until as many searches wait as were open at once lately, or the time is up."""
+        want = min(self._peak, self.max_batch)
+        self._peak = self._open
+        deadline = asyncio.get_running_loop().time() + self.gather_seconds
+        while queue.qsize() + 1 < want:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
 
     async def _work(self, queue: asyncio.Queue[tuple[str, int, asyncio.Future[Any]]]) -> None:
-        last = 1
         while True:
             batch = [await queue.get()]
-            if last > 1 and queue.qsize() + 1 < self.max_batch:
-                # Under load, the clients the last batch answered are about to ask again: a
-                # moment's wait lets them join this batch instead of forming the next one.
-                await asyncio.sleep(self.gather_seconds)
+            await self._gather(queue)
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            last = len(batch)
             queries, ks = [q for q, _, _ in batch], [k for _, k, _ in batch]
             self.searches += len(batch)
             self.batches += 1
