@@ -266,6 +266,13 @@ def serve_search(params: Any) -> None:
         log_queries=params.log_queries,
         recheck_seconds=params.recheck_seconds,
     )
+    from tasks.store.chroma import AliasNotFound
+
+    try:
+        # Load the model now, so the first search does not pay for it.
+        click.echo(f"serving {retriever.live().name}")
+    except AliasNotFound as exc:
+        click.echo(f"{exc}; searches get 503 until a publish")
     token = params.token()
     app = create_app(retriever, token=token, max_batch=params.max_batch)
     click.echo(

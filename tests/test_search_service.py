@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +22,7 @@ from ragtune import Retriever
 from tasks.learn.querylog import LOG_NAME
 from tasks.serving.service import create_app
 from tasks.store import chroma
-from tests.conftest import publish_tuned
+from tests.conftest import free_port, publish_tuned
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -194,3 +198,36 @@ def test_a_reranked_search_returns_what_the_retriever_returns(published):
     assert judged.status_code == 200, judged.text
     assert [h["id"] for h in judged.json()["hits"]] == [h.id for h in expected]
     assert judged.json()["hits"][0]["id"] == rows[5]["id"]
+
+
+def test_the_serve_search_command_takes_its_token_from_the_environment(published):
+    ws, rows, result = published
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("ragtune")), "serve-search"]
+    proc = subprocess.Popen(
+        [*command, "--workspace", str(ws.root), "--port", str(port)],
+        env={**os.environ, "RAGTUNE_SEARCH_TOKEN": TOKEN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    printed = []
+    try:
+        for line in proc.stdout:
+            printed.append(line)
+            if "Application startup complete" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        query = {"query": rows[1]["text"][:150], "k": 1}
+        bare = httpx.post(f"{url}/search", json=query)
+        good = httpx.post(f"{url}/search", json=query, headers={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        proc.terminate()
+        printed.append(proc.communicate(timeout=60)[0])
+
+    assert f"serving {result.collection}" in "".join(printed)
+    assert "bearer token required (from $RAGTUNE_SEARCH_TOKEN)" in "".join(printed)
+    assert bare.status_code == 401
+    assert good.status_code == 200 and good.json()["hits"][0]["id"] == rows[1]["id"]
+    assert TOKEN not in "".join(printed)
+    assert len(log_lines(ws)) == 1
