@@ -14,7 +14,6 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -64,19 +63,10 @@ class SearchRequest(BaseModel):
         return value
 
 
-class SearchHit(BaseModel):
-    id: str
-    score: float
-    source: str
-    page_start: int
-    page_end: int
-    text: str
-
-
 class SearchResponse(BaseModel):
     alias: str
     collection: str
-    hits: list[SearchHit]
+    hits: list[Hit]
 
 
 class Health(BaseModel):
@@ -241,7 +231,7 @@ def create_app(
         return SearchResponse(
             alias=engine.alias,
             collection=live.name,
-            hits=[SearchHit(**asdict(hit)) for hit in hits],
+            hits=hits,
         )
 
     @app.get("/health", dependencies=[Depends(authorised)])
