@@ -13,6 +13,7 @@ from datasets import Dataset
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
 
 from flows.finetune import finetune
 from flows.params import FinetuneParams
@@ -24,6 +25,7 @@ from tasks.training.trainer import (
     Source,
     TrainingDiverged,
     TrainSettings,
+    _evaluator,
     batch_sampler_for,
     mine_negatives,
     train,
@@ -170,6 +172,34 @@ def test_each_recipe_trains_and_saves_a_model_that_reloads_with_its_card_and_pro
         assert result.dims == ([384, 256, 128, 64] if spec.matryoshka else [384])
     if recipe == "triplet":
         assert record["hard_negatives_mined"] is True
+
+
+def test_evaluating_while_training_encodes_the_corpus_once_for_every_dimension(minilm):
+    evaluator = _evaluator(EvalSet(*eval_data()), [384, 256, 64], RECIPES["mnrl"], 256, 8)
+    # The library's way: each dimension's evaluator encodes the corpus itself.
+    plain = SequentialEvaluator(
+        evaluator.evaluators, main_score_function=evaluator.main_score_function
+    )
+    expected = plain(minilm)
+
+    corpus_encodes = []
+    encode_document = minilm.encode_document
+
+    def counting(sentences, **kwargs):
+        corpus_encodes.append(len(sentences))
+        return encode_document(sentences, **kwargs)
+
+    minilm.encode_document = counting
+    try:
+        got = evaluator(minilm)
+    finally:
+        del minilm.encode_document
+
+    assert corpus_encodes == [len(eval_data()[0])], "one corpus encoding for both dimensions"
+    assert got.keys() == expected.keys()
+    assert "dim_64_cosine_ndcg@10" in got and "dim_384_cosine_ndcg@10" in got
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-6), name
 
 
 def test_mined_negatives_are_other_passages(minilm, pairs):
