@@ -56,9 +56,14 @@ class RankChanges:
         return sum(1 for move in self.moves if move == 0)
 
 
-def rank_changes(workspace: str, base_model: str, tuned_model: str, dim: int) -> RankChanges:
+def rank_changes(
+    workspace: str, base_model: str, tuned_model: str, dim: int, report_dir: str | None = None
+) -> RankChanges:
     """Every held-out question's own-chunk rank under both models at `dim`, counted as better,
-    worse or the same, and the question at the median change (the earlier one of two)."""
+    worse or the same, and the question at the median change (the earlier one of two).
+
+    The ranks are the evaluation's own when its report (`report_dir`) saved them; a report
+    written before reports held ranks is evaluated again, with both models."""
     from tasks.models import load_model
     from tasks.retrieval.evaluation import evaluate_model
     from tasks.training.data import held_out_queries
@@ -70,9 +75,13 @@ def rank_changes(workspace: str, base_model: str, tuned_model: str, dim: int) ->
     queries, relevant = held_out_queries(load_rows(ws.questions_dir), corpus)
     if not queries:
         return RankChanges((), None)
-    args = (corpus, queries, relevant, [dim])
-    base = evaluate_model(load_model(base_model), *args, name="base").first_rank[dim]
-    tuned = evaluate_model(load_model(tuned_model), *args, name="tuned").first_rank[dim]
+    saved = saved_ranks(Path(report_dir), dim) if report_dir else None
+    if saved is not None and saved[0].keys() == saved[1].keys() == queries.keys():
+        base, tuned = saved
+    else:
+        args = (corpus, queries, relevant, [dim])
+        base = evaluate_model(load_model(base_model), *args, name="base").first_rank[dim]
+        tuned = evaluate_model(load_model(tuned_model), *args, name="tuned").first_rank[dim]
     # Positive: the tuned model ranks the chunk higher (a smaller rank).
     change = {qid: (base[qid] or BEYOND) - (tuned[qid] or BEYOND) for qid in base}
     order = sorted(change, key=change.__getitem__)
@@ -89,6 +98,21 @@ def rank_changes(workspace: str, base_model: str, tuned_model: str, dim: int) ->
             tuned_rank=tuned[qid],
         ),
     )
+
+
+def saved_ranks(
+    report_dir: Path, dim: int
+) -> tuple[dict[str, int | None], dict[str, int | None]] | None:
+    """The base and tuned models' first-relevant ranks at `dim` from an evaluation report's
+    metrics.json, or None where the report holds none."""
+    path = report_dir / "metrics.json"
+    if not path.exists():
+        return None
+    models = {m["name"]: m for m in json.loads(path.read_text())["models"]}
+    try:
+        return models["base"]["first_rank"][str(dim)], models["tuned"]["first_rank"][str(dim)]
+    except KeyError:
+        return None
 
 
 def _rank(rank: int | None) -> str:
@@ -129,7 +153,7 @@ def print_demo_summary(result: Any, workspace: str, label: LabelSettings | None 
         print("\n" + report.read_text())
     metrics = json.loads((Path(result.report_dir) / "metrics.json").read_text())
     base_model = next(m["model"] for m in metrics["models"] if m["name"] == "base")
-    changes = rank_changes(workspace, base_model, result.model_path, result.dim)
+    changes = rank_changes(workspace, base_model, result.model_path, result.dim, result.report_dir)
     total = changes.better + changes.worse + changes.same
     print(
         f"\n{held_out_line(total, result.dim, label)} the tuned model ranks a question's own "

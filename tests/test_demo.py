@@ -1,10 +1,16 @@
-"""The demo's last word: counts over every held-out question, and the one at the median."""
+"""The demo's last word: counts over every held-out question, and the one at the median, from
+the ranks the evaluation saved."""
 
 from __future__ import annotations
 
+from sentence_transformers import SentenceTransformer
+
 from flows.demo import BEYOND, rank_changes
 from tasks.models import MINILM
-from tasks.workspace import save_rows
+from tasks.retrieval.evaluation import evaluate_model
+from tasks.retrieval.report import write_report
+from tasks.training.data import held_out_queries
+from tasks.workspace import load_rows, save_rows
 from tests.conftest import nist_rows, save_with_prompts
 
 
@@ -55,3 +61,24 @@ def test_the_example_is_the_held_out_question_at_the_median_rank_change(workspac
     assert example is not None
     moved = (example.base_rank or BEYOND) - (example.tuned_rank or BEYOND)
     assert moved == changes.moves[(len(questions) - 1) // 2]
+
+
+def test_the_ranks_come_from_the_evaluation_report_without_encoding_again(workspace, minilm):
+    held_out_workspace(workspace)
+    other = save_with_prompts(
+        minilm, workspace.model_dir("prompted"), {"query": "Represent this question: "}
+    )
+    corpus = {row["id"]: row["text"] for row in load_rows(workspace.chunks_dir)}
+    queries, relevant = held_out_queries(load_rows(workspace.questions_dir), corpus)
+    evals = [
+        evaluate_model(model, corpus, queries, relevant, [384, 64], name=name)
+        for model, name in ((minilm, "base"), (SentenceTransformer(str(other)), "tuned"))
+    ]
+    report = workspace.report_dir("run")
+    write_report(report, evals, None, {}, [], "held-out questions")
+
+    # Models that cannot be loaded: the ranks must come from the report alone.
+    saved = rank_changes(str(workspace.root), "no/such-base", "no/such-tuned", 384, str(report))
+
+    assert saved == rank_changes(str(workspace.root), MINILM, str(other), 384)
+    assert saved.better > 0 and saved.worse > 0

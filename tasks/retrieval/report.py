@@ -63,6 +63,9 @@ def write_report(
                 "n_queries": e.n_queries,
                 "n_corpus": e.n_corpus,
                 "metrics": {str(dim): e.metrics[dim] for dim in e.dims},
+                # Each query's first relevant document's rank (null: not in the top 100), so
+                # a per-query comparison needs no second encoding of the corpus.
+                "first_rank": {str(dim): e.first_rank[dim] for dim in e.dims},
             }
             for e in evals
         ],
