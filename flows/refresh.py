@@ -14,7 +14,9 @@ from pydantic import BaseModel
 from flows.params import RefreshParams
 from flows.pipeline import ingest_and_ask
 from flows.publish import publish
+from tasks.models import local_model
 from tasks.store.chroma import AliasNotFound, resolve_alias
+from tasks.workspace import Workspace
 
 
 class RefreshResult(BaseModel):
@@ -52,4 +54,6 @@ def _live_model(p: RefreshParams) -> tuple[str | None, int | None]:
         metadata = resolve_alias(client, p.publish.alias).metadata or {}
     except AliasNotFound:
         return None, None
-    return metadata.get("model"), metadata.get("dim")
+    ref = metadata.get("model")
+    moved = local_model(str(ref), Workspace.at(p.workspace).models_dir) if ref else None
+    return moved, metadata.get("dim")

@@ -47,6 +47,19 @@ def resolve_model(ref: str) -> str:
     return ref
 
 
+def local_model(ref: str, models_dir: Path | None) -> str:
+    """`ref`, or the folder of the same name in `models_dir` when `ref` is a path that is not
+    on this machine. A publish records the model's absolute path, which stops being true when
+    the workspace is moved or copied, or when the store is a Chroma server that another
+    machine published to; the model folder itself travels with the workspace's `models/`."""
+    path = Path(ref)
+    if models_dir is not None and path.is_absolute() and not path.exists():
+        here = Path(models_dir) / path.name
+        if (here / "modules.json").exists():
+            return str(here)
+    return ref
+
+
 def load_model(ref: str, device: str | None = None) -> SentenceTransformer:
     """Load a sentence-transformers model by reference, raising `ModelNotAvailable` on failure."""
     from sentence_transformers import SentenceTransformer

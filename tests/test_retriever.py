@@ -4,6 +4,7 @@ the alias through a publish, logging each query; and its LangChain and LlamaInde
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -81,6 +82,24 @@ def test_after_a_publish_swaps_the_alias_the_retriever_serves_the_new_model_and_
     assert pinned.live().name == first.collection
     assert pinned.search(query, k=3) == before
     assert [line["collection"] for line in logged(ws)][-2:] == [second.collection, first.collection]
+
+
+def test_a_moved_workspace_serves_the_model_folder_it_carries(published, minilm, tmp_path):
+    ws, rows, _ = published
+    tuned = publish_tuned(ws, rows, minilm, dim=128)
+    query = rows[2]["text"][:200]
+    expected = Retriever.open("docs", workspace=ws.root, log_queries=False).search(query, k=3)
+    # The store records the model's old absolute path, which no longer exists after the move.
+    moved = tmp_path / "moved"
+    shutil.move(ws.root, moved)
+    assert not ws.model_dir("tuned").exists()
+
+    retriever = Retriever.open("docs", workspace=moved, log_queries=False)
+
+    live = retriever.live()
+    assert (live.name, live.dim) == (tuned.collection, 128)
+    assert live.model_ref == str(moved / "models" / "tuned")
+    assert retriever.search(query, k=3) == expected
 
 
 def test_the_retriever_names_what_is_wrong_with_a_request(published, tmp_path):

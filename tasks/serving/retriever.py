@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.learn.querylog import LoggedSearch, QueryLog
-from tasks.models import cached_model
+from tasks.models import cached_model, local_model
 from tasks.retrieval import rerank as reranking
 from tasks.store import chroma
 from tasks.store.chroma import Hit, StoreError
@@ -71,15 +71,17 @@ class LiveVersion:
         }
 
 
-def open_version(client: ClientAPI, alias: str) -> LiveVersion:
-    """The version `alias` points to now, with its model loaded (once per process)."""
+def open_version(client: ClientAPI, alias: str, models_dir: Path | None = None) -> LiveVersion:
+    """The version `alias` points to now, with its model loaded (once per process); a model
+    folder that is not where the publish recorded it is looked for in `models_dir`."""
     collection = chroma.resolve_alias(client, alias)
     meta = collection.metadata or {}
+    model_ref = local_model(str(meta["model"]), models_dir)
     return LiveVersion(
         alias=alias,
         collection=collection,
-        model=cached_model(str(meta["model"])),
-        model_ref=str(meta["model"]),
+        model=cached_model(model_ref),
+        model_ref=model_ref,
         query_prompt=str(meta.get("query_prompt", "")),
         dim=int(meta["dim"]),
     )
@@ -91,7 +93,8 @@ class Retriever:
     The alias is re-read at most every `recheck_seconds` (0: before every query), so a swap
     is served from the next query after it is seen. Every search is appended to `querylog`
     (what `ragtune learn` learns from) unless it is None. `judge` re-ranks when a search asks
-    for it (default: the bundled Gemma, loaded on first use).
+    for it (default: the bundled Gemma, loaded on first use). A model folder that is not where
+    the publish recorded it is looked for in `models_dir` (`Retriever.open`: the workspace's).
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class Retriever:
         querylog: QueryLog | None = None,
         recheck_seconds: float = 1.0,
         judge: QueryLikelihood | None = None,
+        models_dir: Path | None = None,
     ) -> None:
         self.client = client
+        self.models_dir = models_dir
         self.alias = chroma.check_name(alias, "alias")
         self.querylog = querylog
         self.recheck_seconds = float(recheck_seconds)
@@ -134,11 +139,13 @@ class Retriever:
             workspace, chroma_path, chroma_host, chroma_port, chroma_token_env
         )
         logs = log_queries if log_queries is not None else not chroma_host
+        ws = Workspace.at(workspace)
         return cls(
             client,
             alias,
-            querylog=QueryLog(Workspace.at(workspace).querylog_dir) if logs else None,
+            querylog=QueryLog(ws.querylog_dir) if logs else None,
             recheck_seconds=recheck_seconds,
+            models_dir=ws.models_dir,
         )
 
     def live(self) -> LiveVersion:
@@ -150,7 +157,7 @@ class Retriever:
             if self._live is None or chroma.list_versions(self.client, self.alias)[0] != (
                 self._live.name
             ):
-                self._live = open_version(self.client, self.alias)
+                self._live = open_version(self.client, self.alias, self.models_dir)
             self._checked = time.monotonic()
             return self._live
 
@@ -215,6 +222,7 @@ class Retriever:
             querylog=self.querylog,
             recheck_seconds=self.recheck_seconds,
             judge=self.judge,
+            models_dir=self.models_dir,
         )
 
 
