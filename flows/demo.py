@@ -13,6 +13,7 @@ states, so the example is neither the best case nor picked to flatter.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,13 +58,18 @@ class RankChanges:
 
 
 def rank_changes(
-    workspace: str, base_model: str, tuned_model: str, dim: int, report_dir: str | None = None
+    workspace: str,
+    base_model: str,
+    tuned_model: str,
+    dim: int,
+    metrics: Mapping[str, Any] | None = None,
 ) -> RankChanges:
     """Every held-out question's own-chunk rank under both models at `dim`, counted as better,
     worse or the same, and the question at the median change (the earlier one of two).
 
-    The ranks are the evaluation's own when its report (`report_dir`) saved them; a report
-    written before reports held ranks is evaluated again, with both models."""
+    The ranks are the evaluation's own when its report's `metrics` (metrics.json) hold them;
+    without them (a report written before reports held ranks) both models are evaluated
+    again."""
     from tasks.models import load_model
     from tasks.retrieval.evaluation import evaluate_model
     from tasks.training.data import held_out_queries
@@ -75,7 +81,7 @@ def rank_changes(
     queries, relevant = held_out_queries(load_rows(ws.questions_dir), corpus)
     if not queries:
         return RankChanges((), None)
-    saved = saved_ranks(Path(report_dir), dim) if report_dir else None
+    saved = saved_ranks(metrics, dim) if metrics else None
     if saved is not None and saved[0].keys() == saved[1].keys() == queries.keys():
         base, tuned = saved
     else:
@@ -101,14 +107,11 @@ def rank_changes(
 
 
 def saved_ranks(
-    report_dir: Path, dim: int
+    metrics: Mapping[str, Any], dim: int
 ) -> tuple[dict[str, int | None], dict[str, int | None]] | None:
     """The base and tuned models' first-relevant ranks at `dim` from an evaluation report's
     metrics.json, or None where the report holds none."""
-    path = report_dir / "metrics.json"
-    if not path.exists():
-        return None
-    models = {m["name"]: m for m in json.loads(path.read_text())["models"]}
+    models = {m["name"]: m for m in metrics["models"]}
     try:
         return models["base"]["first_rank"][str(dim)], models["tuned"]["first_rank"][str(dim)]
     except KeyError:
@@ -153,7 +156,7 @@ def print_demo_summary(result: Any, workspace: str, label: LabelSettings | None 
         print("\n" + report.read_text())
     metrics = json.loads((Path(result.report_dir) / "metrics.json").read_text())
     base_model = next(m["model"] for m in metrics["models"] if m["name"] == "base")
-    changes = rank_changes(workspace, base_model, result.model_path, result.dim, result.report_dir)
+    changes = rank_changes(workspace, base_model, result.model_path, result.dim, metrics)
     total = changes.better + changes.worse + changes.same
     print(
         f"\n{held_out_line(total, result.dim, label)} the tuned model ranks a question's own "

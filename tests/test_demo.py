@@ -3,6 +3,8 @@ the ranks the evaluation saved."""
 
 from __future__ import annotations
 
+import json
+
 from sentence_transformers import SentenceTransformer
 
 from flows.demo import BEYOND, rank_changes
@@ -78,7 +80,8 @@ def test_the_ranks_come_from_the_evaluation_report_without_encoding_again(worksp
     write_report(report, evals, None, {}, [], "held-out questions")
 
     # Models that cannot be loaded: the ranks must come from the report alone.
-    saved = rank_changes(str(workspace.root), "no/such-base", "no/such-tuned", 384, str(report))
+    metrics = json.loads((report / "metrics.json").read_text())
+    saved = rank_changes(str(workspace.root), "no/such-base", "no/such-tuned", 384, metrics)
 
     assert saved == rank_changes(str(workspace.root), MINILM, str(other), 384)
     assert saved.better > 0 and saved.worse > 0
